@@ -1,0 +1,2 @@
+"""mmqdiff: multi-model post-training quantization for diffusion models."""
+__version__ = "0.1.0"

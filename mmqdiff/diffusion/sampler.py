@@ -1,0 +1,56 @@
+"""Generalized DDIM sampling where each step index may use a different network."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .schedule import alpha_bar
+
+ModelForStep = Callable[[int], nn.Module]
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_next: int, betas: torch.Tensor, eta: float = 0.0,
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One generalized DDIM update from t to t_next (t_next = -1 means the clean image); no x0 clipping."""
+    ts = torch.tensor([t, t_next], device=betas.device)
+    a_t, a_next = alpha_bar(betas, ts).to(x.dtype).to(x.device)
+    x0 = (x - eps * (1 - a_t).sqrt()) / a_t.sqrt()
+    c1 = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
+    c2 = (1 - a_next - c1 ** 2).sqrt()
+    out = a_next.sqrt() * x0 + c2 * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs a noise tensor")
+        out = out + c1 * noise
+    return out
+
+
+def step_pairs(seq: Sequence[int]) -> list[tuple[int, int]]:
+    """(t, t_next) for each step index in sampling order: index 0 is the largest t."""
+    seq = list(seq)
+    return list(zip(reversed(seq), reversed([-1] + seq[:-1])))
+
+
+@torch.no_grad()
+def ddim_sample(model_for_step: ModelForStep, x_T: torch.Tensor, seq: Sequence[int], betas: torch.Tensor,
+                eta: float = 0.0, generator: torch.Generator | None = None,
+                callback: StepCallback | None = None) -> torch.Tensor:
+    """Run the DDIM trajectory from x_T; ``model_for_step(i)`` gives the network for step index i.
+
+    ``callback(i, t, x_t, eps)`` sees every model input, which is how calibration data is recorded.
+    """
+    x = x_T
+    betas = betas.to(x.device)
+    for i, (t, t_next) in enumerate(step_pairs(seq)):
+        t_batch = torch.full((x.shape[0],), float(t), device=x.device)
+        eps = model_for_step(i)(x, t_batch)
+        if callback is not None:
+            callback(i, t, x, eps)
+        noise = None
+        if eta > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = ddim_step(x, eps, t, t_next, betas, eta, noise)
+    return x

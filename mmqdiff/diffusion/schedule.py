@@ -1,0 +1,31 @@
+"""Noise schedule and sampling-step sequences, exactly as the DDIM / Q-Diffusion reference builds them."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def linear_betas(beta_start: float = 1e-4, beta_end: float = 0.02, num_diffusion_timesteps: int = 1000) -> torch.Tensor:
+    """float64 linspace cast to float32, as the reference does."""
+    return torch.from_numpy(np.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64)).float()
+
+
+def timesteps(num_steps: int, skip_type: str = "uniform", num_diffusion_timesteps: int = 1000) -> list[int]:
+    """The reference step sequence in ascending t; sampling walks it in reverse (step index 0 = last entry).
+
+    ``quad`` keeps its duplicated small-t entries (100 steps: 96 distinct values, max t 800).
+    """
+    if not 1 <= num_steps <= num_diffusion_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_diffusion_timesteps}], got {num_steps}")
+    if skip_type == "uniform":
+        skip = num_diffusion_timesteps // num_steps
+        return list(range(0, num_diffusion_timesteps, skip))
+    if skip_type == "quad":
+        return [int(s) for s in np.linspace(0, np.sqrt(num_diffusion_timesteps * 0.8), num_steps) ** 2]
+    raise ValueError(f"skip_type must be 'uniform' or 'quad', got {skip_type!r}")
+
+
+def alpha_bar(betas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """cumprod(1 - [0, betas])[t + 1], so that t = -1 gives 1 (the reference ``compute_alpha``)."""
+    b = torch.cat([torch.zeros(1, dtype=betas.dtype, device=betas.device), betas])
+    return (1 - b).cumprod(dim=0).index_select(0, t.long() + 1)
