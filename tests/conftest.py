@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmqdiff.diffusion import Model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.0, in_channels=3,
+            resolution=8, resamp_with_conv=True)
+
+
+@pytest.fixture
+def tiny_model() -> Model:
+    torch.manual_seed(0)
+    return Model(**TINY).eval()

@@ -1,0 +1,51 @@
+import pytest
+
+from mmqdiff.data import segment_of_step, timestep_segments
+
+
+def test_equal_split():
+    assert timestep_segments(100, 4) == [range(0, 25), range(25, 50), range(50, 75), range(75, 100)]
+    assert timestep_segments(100, 1) == [range(0, 100)]
+    assert timestep_segments(3, 3) == [range(0, 1), range(1, 2), range(2, 3)]
+
+
+def test_remainder_goes_to_earlier_segments():
+    segs = timestep_segments(10, 3)
+    assert [len(s) for s in segs] == [4, 3, 3]
+    assert segs == [range(0, 4), range(4, 7), range(7, 10)]
+    assert [len(s) for s in timestep_segments(101, 4)] == [26, 25, 25, 25]
+
+
+def test_boundaries_are_cut_points():
+    assert timestep_segments(100, 3, [10, 50]) == [range(0, 10), range(10, 50), range(50, 100)]
+    assert timestep_segments(5, 2, [4]) == [range(0, 4), range(4, 5)]
+
+
+@pytest.mark.parametrize("num_steps, k, boundaries, match", [
+    (100, 0, None, "k must be >= 1, got 0"),
+    (100, -2, None, "got -2"),
+    (10, 11, None, "k=11 exceeds the number of sampling steps 10"),
+    (0, 1, None, "num_steps must be >= 1, got 0"),
+    (100, 3, [50, 10], r"strictly increasing \(got 50 then 10\)"),
+    (100, 3, [10, 10], r"got 10 then 10"),
+    (100, 2, [0], "boundary 0 is outside"),
+    (100, 2, [100], r"boundary 100 is outside \[1, 99\]"),
+    (100, 3, [10], "k-1=2 cut points"),
+])
+def test_invalid_specs(num_steps, k, boundaries, match):
+    with pytest.raises(ValueError, match=match):
+        timestep_segments(num_steps, k, boundaries)
+
+
+def test_segment_of_step():
+    segs = timestep_segments(10, 3)
+    owner = segment_of_step(segs)
+    assert owner == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(i in segs[owner[i]] for i in range(10))
+
+
+@pytest.mark.parametrize("segs", [[range(0, 4), range(5, 10)], [range(0, 4), range(3, 10)], [range(1, 4)],
+                                  [range(0, 4), range(4, 4)], []])
+def test_segment_of_step_rejects_non_cover(segs):
+    with pytest.raises(ValueError):
+        segment_of_step(segs)
