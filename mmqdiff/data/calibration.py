@@ -15,11 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..diffusion.sampler import ddim_step, step_pairs
+from ..diffusion.sampler import IndexedNoise, ddim_sample, trajectory_generator
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +164,6 @@ def save_calibration(path: str | Path, xs: Steps, ts: Steps, meta: Mapping[str, 
     return path
 
 
-def trajectory_generator(seed: int, index: int) -> torch.Generator:
-    """CPU generator for trajectory ``index``: its noise depends only on (seed, index), never on batching or device."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 @torch.no_grad()
 def record_trajectories(model: nn.Module, indices: Sequence[int], seed: int, seq: Sequence[int], betas: torch.Tensor,
                         eta: float, image_shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,19 +173,12 @@ def record_trajectories(model: nn.Module, indices: Sequence[int], seed: int, seq
     Same update as ``ddim_sample``, but each trajectory draws x_T and (eta > 0) its step noise from its own
     ``trajectory_generator``, so trajectory j equals ``ddim_sample`` run on it alone with that generator.
     """
-    device = next(model.parameters()).device
-    gens = [trajectory_generator(seed, int(j)) for j in indices]
-
-    def noise() -> torch.Tensor:
-        return torch.cat([torch.randn((1, *image_shape), generator=g) for g in gens]).to(device)
-
-    x = noise()
+    noise = IndexedNoise(seed, indices, image_shape, next(model.parameters()).device)
     xs, ts = [], []
-    for t, t_next in step_pairs(seq):
-        t_batch = torch.full((len(gens),), float(t))
+
+    def record(i: int, t: int, x: torch.Tensor, eps: torch.Tensor) -> None:
         xs.append(x.cpu())
-        ts.append(t_batch)
-        eps = model(x, t_batch.to(device))
-        x = ddim_step(x, eps, t, t_next, betas, eta, noise() if eta > 0 else None)
-    xs.append(x.cpu())
+        ts.append(torch.full((x.shape[0],), float(t)))
+
+    xs.append(ddim_sample(lambda i: model, noise(), seq, betas, eta, callback=record, noise_fn=noise).cpu())
     return torch.stack(xs), torch.stack(ts)

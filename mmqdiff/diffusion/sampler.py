@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -10,6 +11,27 @@ from .schedule import alpha_bar
 
 ModelForStep = Callable[[int], nn.Module]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+def trajectory_generator(seed: int, index: int) -> torch.Generator:
+    """CPU generator for trajectory ``index``: its noise depends only on (seed, index), never on batching or device."""
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class IndexedNoise:
+    """Draws a batch of noise where row b comes from trajectory ``indices[b]``'s own generator.
+
+    This is what makes FP and quantized runs start from identical noise, and makes images independent of how
+    indices are batched or spread over devices.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"):
+        self.generators = [trajectory_generator(seed, int(j)) for j in indices]
+        self.shape, self.device = tuple(shape), device
+
+    def __call__(self) -> torch.Tensor:
+        return torch.cat([torch.randn((1, *self.shape), generator=g) for g in self.generators]).to(self.device)
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_next: int, betas: torch.Tensor, eta: float = 0.0,
@@ -37,10 +59,12 @@ def step_pairs(seq: Sequence[int]) -> list[tuple[int, int]]:
 @torch.no_grad()
 def ddim_sample(model_for_step: ModelForStep, x_T: torch.Tensor, seq: Sequence[int], betas: torch.Tensor,
                 eta: float = 0.0, generator: torch.Generator | None = None,
-                callback: StepCallback | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None,
+                noise_fn: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """Run the DDIM trajectory from x_T; ``model_for_step(i)`` gives the network for step index i.
 
     ``callback(i, t, x_t, eps)`` sees every model input, which is how calibration data is recorded.
+    With eta > 0 the step noise comes from ``noise_fn()`` if given (e.g. ``IndexedNoise``), else ``generator``.
     """
     x = x_T
     betas = betas.to(x.device)
@@ -51,6 +75,7 @@ def ddim_sample(model_for_step: ModelForStep, x_T: torch.Tensor, seq: Sequence[i
             callback(i, t, x, eps)
         noise = None
         if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = noise_fn() if noise_fn is not None else torch.randn(
+                x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = ddim_step(x, eps, t, t_next, betas, eta, noise)
     return x

@@ -1,6 +1,8 @@
 """Noise schedule and sampling-step sequences, exactly as the DDIM / Q-Diffusion reference builds them."""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 import torch
 
@@ -8,6 +10,14 @@ import torch
 def linear_betas(beta_start: float = 1e-4, beta_end: float = 0.02, num_diffusion_timesteps: int = 1000) -> torch.Tensor:
     """float64 linspace cast to float32, as the reference does."""
     return torch.from_numpy(np.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64)).float()
+
+
+def betas_from_config(config: Mapping[str, Any]) -> torch.Tensor:
+    """Betas from a model config's ``diffusion`` section (ermongroup layout); only ``linear`` exists there."""
+    d = config.get("diffusion", {})
+    if d.get("beta_schedule", "linear") != "linear":
+        raise ValueError(f"only the linear beta schedule is supported, got {d['beta_schedule']!r}")
+    return linear_betas(d.get("beta_start", 1e-4), d.get("beta_end", 0.02), d.get("num_diffusion_timesteps", 1000))
 
 
 def timesteps(num_steps: int, skip_type: str = "uniform", num_diffusion_timesteps: int = 1000) -> list[int]:

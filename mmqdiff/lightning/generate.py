@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.calibration import record_trajectories, save_calibration
-from ..diffusion import build_model, file_sha256, linear_betas, load_checkpoint, load_config, timesteps
+from ..diffusion import betas_from_config, build_model, file_sha256, load_checkpoint, load_config, timesteps
 
 
 class TrajectoryIndices(Dataset):
@@ -46,13 +46,6 @@ class TrajectoryDataModule(LightningDataModule):
         return DataLoader(TrajectoryIndices(self.num_trajectories), batch_size=self.batch_size, shuffle=False)
 
 
-def _betas(cfg: Mapping[str, Any]) -> torch.Tensor:
-    d = cfg.get("diffusion", {})
-    if d.get("beta_schedule", "linear") != "linear":
-        raise ValueError(f"only the linear beta schedule is supported, got {d['beta_schedule']!r}")
-    return linear_betas(d.get("beta_start", 1e-4), d.get("beta_end", 0.02), d.get("num_diffusion_timesteps", 1000))
-
-
 class CalibrationGenerator(LightningModule):
     """Records FP DDIM trajectories (same schedule flags as sampling) for batches of trajectory indices."""
 
@@ -61,7 +54,7 @@ class CalibrationGenerator(LightningModule):
         super().__init__()
         cfg = load_config(config)
         self.net = load_checkpoint(build_model(cfg), checkpoint)
-        betas = _betas(cfg)
+        betas = betas_from_config(cfg)
         self.register_buffer("betas", betas, persistent=False)
         self.seq = timesteps(num_steps, skip_type, len(betas))
         self.eta, self.seed = eta, seed

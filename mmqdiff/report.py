@@ -1,0 +1,125 @@
+"""The comparison report: FP vs K=1 (Q-Diffusion) vs K>1 segment models, as a rich table, report.md and report.json.
+
+report.json is ``{"runs": [{"name", "segments", "weight_bits", "act_bits", "fid", "is", "kid", "psnr_vs_fp",
+"model_bytes", "calib_seconds", "peak_mem_bytes", ...}, ...]}``. Conventions for the FP row: ``segments``,
+``weight_bits`` and ``act_bits`` are null (not quantized: no segment models, float32 weights and activations) and
+``psnr_vs_fp`` is null (PSNR of FP against itself is infinite). More generally every non-finite number is written
+as null, since JSON has no inf/NaN. Extra per-run keys (``is_std``, ``kid_std``,
+``per_step_mse``, ``sample_grid``, ...) pass through unchanged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from .plots import line_plot
+
+REQUIRED_KEYS = ("name", "segments", "weight_bits", "act_bits", "fid", "is", "kid", "psnr_vs_fp", "model_bytes",
+                 "calib_seconds", "peak_mem_bytes")
+COLUMNS = ("name", "K", "W/A bits", "FID", "IS", "KID", "PSNR vs FP (dB)", "model MiB", "calib s", "peak mem MiB")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats -> None, paths -> str, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def normalize_runs(runs: Sequence[dict]) -> list[dict]:
+    """Check every run has the required keys (error names the run and the keys) and make it JSON-safe,
+    required keys first."""
+    out = []
+    for i, run in enumerate(runs):
+        missing = [k for k in REQUIRED_KEYS if k not in run]
+        if missing:
+            raise ValueError(f"run {i} ({run.get('name', '?')}) lacks {missing}")
+        out.append(_clean({**{k: run[k] for k in REQUIRED_KEYS}, **run}))
+    return out
+
+
+def _num(v: Any, fmt: str, spread: Any = None) -> str:
+    if v is None:
+        return "-"
+    return format(v, fmt) + (f" ± {format(spread, fmt)}" if spread is not None else "")
+
+
+def _mib(v: Any) -> str:
+    return "-" if v is None else f"{v / 2 ** 20:.2f}"
+
+
+def table_rows(runs: Sequence[dict], spread: bool = True) -> list[list[str]]:
+    """Formatted cells in ``COLUMNS`` order, shared by the console table and report.md; ``spread`` adds IS and KID
+    standard deviations (``is_std``, ``kid_std``) where a run has them."""
+    rows = []
+    for r in runs:
+        is_std, kid_std = (r.get("is_std"), r.get("kid_std")) if spread else (None, None)
+        bits = "FP" if r["weight_bits"] is None else f"W{r['weight_bits']}A{r['act_bits']}"
+        rows.append([str(r["name"]), "-" if r["segments"] is None else str(r["segments"]), bits,
+                     _num(r["fid"], ".2f"), _num(r["is"], ".2f", is_std),
+                     _num(r["kid"], ".4f", kid_std), _num(r["psnr_vs_fp"], ".2f"), _mib(r["model_bytes"]),
+                     _num(r["calib_seconds"], ".1f"), _mib(r["peak_mem_bytes"])])
+    return rows
+
+
+def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path | None) -> str:
+    lines = ["# mmqdiff report", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "PSNR vs FP: mean over images of per-image PSNR against FP samples from identical noise. "
+              "KID and IS: mean ± std over subsets / splits. K: number of timestep-segment models."]
+    if plot is not None:
+        lines += ["", "## Per-step noise-prediction error", "", f"![per-step MSE]({plot.name})"]
+    grids = [(r["name"], r["sample_grid"]) for r in runs if r.get("sample_grid")]
+    if grids:
+        lines += ["", "## Samples"]
+        for name, grid in grids:
+            p = Path(grid)
+            rel = os.path.relpath(p.resolve(), out_dir.resolve())
+            lines += ["", f"### {name}", "", f"![{name}]({rel})"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(runs: Sequence[dict], out_dir: str | Path, console: Console | None = None) -> Path:
+    """Print the table and write report.json, report.md and (if any run has ``per_step_mse``) per_step_mse.png
+    into ``out_dir``, each atomically. Returns the path of report.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = normalize_runs(runs)
+    rows = table_rows(runs)
+
+    table = Table(title="mmqdiff: FP vs single- and multi-model quantization", box=box.SIMPLE_HEAD)
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c == "name" else "right")
+    for row in table_rows(runs, spread=False):
+        table.add_row(*row)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and pipes get 80 columns by default, too narrow for ten columns
+            console.width = 120
+    console.print(table)
+
+    curves = {r["name"]: [math.nan if v is None else v for v in r["per_step_mse"]]
+              for r in runs if r.get("per_step_mse")}
+    plot = line_plot(curves, out_dir / "per_step_mse.png", title="Noise-prediction MSE vs FP per sampling step",
+                     xlabel="step index (0 = noisiest)", ylabel="MSE", log_y=True) if curves else None
+    _write_text(out_dir / "report.md", _markdown(runs, rows, out_dir, plot))
+    path = out_dir / "report.json"
+    _write_text(path, json.dumps({"runs": runs}, indent=2, allow_nan=False) + "\n")
+    return path
