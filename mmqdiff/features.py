@@ -7,7 +7,7 @@ The shipped file is ``{"config": {...}, "state_dict": {...}}``, loaded with ``we
 """
 from __future__ import annotations
 
-import os
+from .io import atomic_save
 from pathlib import Path
 
 import torch
@@ -42,13 +42,8 @@ class SmallClassifier(nn.Module):
 
 def save_feature_extractor(model: SmallClassifier, path: str | Path) -> Path:
     """Write ``{"config", "state_dict"}`` (fp32, CPU) to a temporary file, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"config": dict(model.config), "state_dict": state}, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_save({"config": dict(model.config), "state_dict": state}, path)
 
 
 def load_feature_extractor(path: str | Path, map_location: str | torch.device = "cpu") -> SmallClassifier:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-import os
+from .io import atomic_path
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,12 +16,9 @@ COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#00
 
 def _save_png(image: Image.Image, path: str | Path) -> Path:
     """Write to a temporary file beside ``path`` and rename, so a reader never sees half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
 
 
 def _nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:

@@ -19,6 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from .io import atomic_write_text
 from .plots import line_plot
 
 REQUIRED_KEYS = ("name", "segments", "weight_bits", "act_bits", "fid", "is", "kid", "psnr_vs_fp", "model_bytes",
@@ -90,12 +91,6 @@ def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(runs: Sequence[dict], out_dir: str | Path, console: Console | None = None) -> Path:
     """Print the table and write report.json, report.md and (if any run has ``per_step_mse``) per_step_mse.png
     into ``out_dir``, each atomically. Returns the path of report.json."""
@@ -119,7 +114,7 @@ def write_report(runs: Sequence[dict], out_dir: str | Path, console: Console | N
               for r in runs if r.get("per_step_mse")}
     plot = line_plot(curves, out_dir / "per_step_mse.png", title="Noise-prediction MSE vs FP per sampling step",
                      xlabel="step index (0 = noisiest)", ylabel="MSE", log_y=True) if curves else None
-    _write_text(out_dir / "report.md", _markdown(runs, rows, out_dir, plot))
+    atomic_write_text(out_dir / "report.md", _markdown(runs, rows, out_dir, plot))
     path = out_dir / "report.json"
-    _write_text(path, json.dumps({"runs": runs}, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps({"runs": runs}, indent=2, allow_nan=False) + "\n")
     return path

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from pathlib import Path
 
 import lightning as L
@@ -11,16 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion import alpha_bar, build_model, linear_betas
-
-
-def atomic_save(obj: object, path: str | Path) -> Path:
-    """torch.save to a temporary file beside ``path``, then rename, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+from ..io import atomic_save
 
 
 class DiffusionTraining(L.LightningModule):
