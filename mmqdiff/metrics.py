@@ -29,6 +29,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from .features import SmallClassifier, load_feature_extractor
+from .io import read_png_images
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -249,16 +250,10 @@ def _cifar10_train(folder: Path, n: int) -> Tensor:
 
 
 def _png_folder(folder: Path, n: int) -> Tensor:
-    from PIL import Image
-
     files = sorted(folder.glob("*.png"))
     if len(files) < n:
         raise ValueError(f"{folder}: only {len(files)} PNG images, {n} requested")
-    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in files[:n]]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"{folder}: images differ in size {sorted(shapes)}")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return read_png_images(files[:n])
 
 
 def load_real_images(source: str | Path, n: int, image_size: int = 16, seed: int = 0) -> Tensor:

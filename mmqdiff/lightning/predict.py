@@ -1,0 +1,179 @@
+"""K-model DDIM sampling as a Lightning predict: ``python cli.py predict --config configs/embedded/sample.yaml``.
+
+Step i runs the model of the segment that holds i (the same step-to-segment map calibration used). Images are
+PNG files named by index, so an interrupted run continues where it stopped; noise for image j depends only on
+(seed, j), so FP and quantized runs start from identical noise on any number of devices.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from ..data import segment_of_step
+from ..diffusion import (IndexedNoise, betas_from_config, build_model, ddim_sample, load_checkpoint, load_config,
+                         segment_switch, timesteps)
+from ..manifest import load_segment_models, read_manifest
+from ..io import atomic_path, atomic_save, atomic_write_text, read_png_images, write_png
+from ..plots import save_sample_grid
+from ..metrics import InceptionExtractor, embedded_extractor, psnr, score_images, to_uint8
+
+
+def png_path(image_dir: Path, index: int) -> Path:
+    return image_dir / f"{index:06d}.png"
+
+
+class MultiModelSampler(L.LightningModule):
+    """Samples with the FP model (``calibration_run=None``) or with the K segment models of a calibration run."""
+
+    def __init__(self, config: str, checkpoint: str, calibration_run: str | None = None, num_steps: int = 100,
+                 skip_type: str = "quad", eta: float = 0.0, seed: int = 1234, track_fp_error: bool = True,
+                 real_source: str | None = "synthetic", feature_extractor: str | None = None,
+                 inception_weights: str | None = None, num_real: int = 5000, kid_subset_size: int = 1000,
+                 fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache"):
+        """``real_source`` ("synthetic", a ``cifar-10-batches-py`` folder or a PNG folder; None skips scoring) is
+        scored with ``feature_extractor`` (the embedded classifier) or ``inception_weights`` (a local torch-fidelity
+        Inception file); ``fp_samples`` is an FP sampling run's folder for PSNR on identical noise."""
+        super().__init__()
+        if real_source is not None and (feature_extractor is None) == (inception_weights is None):
+            raise ValueError("scoring needs exactly one of feature_extractor (embedded default) or inception_weights")
+        self.save_hyperparameters()
+        cfg = load_config(config)
+        self.fp_model = load_checkpoint(build_model(cfg), checkpoint).eval().requires_grad_(False)
+        self.register_buffer("betas", betas_from_config(cfg), persistent=False)
+        self.seq = timesteps(num_steps, skip_type, len(self.betas))
+        self.image_shape = (self.fp_model.in_channels, self.fp_model.resolution, self.fp_model.resolution)
+        if calibration_run is None:
+            self.segments = [range(num_steps)]
+            self.segment_models = torch.nn.ModuleList([self.fp_model])
+        else:
+            manifest = read_manifest(calibration_run)
+            for key, want in (("num_steps", num_steps), ("skip_type", skip_type)):
+                if manifest.get(key) != want:
+                    raise ValueError(f"{calibration_run}: calibrated for {key}={manifest.get(key)!r}, "
+                                     f"but sampling asks for {want!r}")
+            self.segments, models = load_segment_models(calibration_run, self.fp_model)
+            self.segment_models = torch.nn.ModuleList(models)
+        self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
+        self.quantized = calibration_run is not None
+
+    def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        noise = IndexedNoise(self.hparams.seed, indices.tolist(), self.image_shape, self.device)
+        step_mse = torch.zeros(len(indices), len(self.seq))
+
+        def fp_error(i: int, t: int, x: torch.Tensor, eps: torch.Tensor) -> None:
+            # noise-prediction error of the model in use against FP on the very same x_t
+            ref = self.fp_model(x, torch.full((x.shape[0],), float(t), device=x.device))
+            step_mse[:, i] = (eps - ref).pow(2).flatten(1).mean(1).cpu()
+
+        track = self.quantized and self.hparams.track_fp_error
+        x = ddim_sample(self.model_for_step, noise(), self.seq, self.betas, self.hparams.eta,
+                        callback=fp_error if track else None, noise_fn=noise)
+        out = {"indices": indices.cpu(), "images": to_uint8(x).cpu()}
+        if track:
+            out["step_mse"] = step_mse
+        return out
+
+    def on_predict_end(self) -> None:
+        """Rank 0 gathers all images (``samples.npz``, ``grid.png``, ``per_step_mse.json``) and scores them."""
+        data = self.trainer.datamodule
+        self.trainer.strategy.barrier()
+        if self.trainer.is_global_zero:
+            summary = finalize_samples(data.output_dir, data.num_images)
+            if self.hparams.real_source is not None:
+                summary.update(self.score(data.output_dir))
+            atomic_write_text(Path(data.output_dir) / "metrics.json", json.dumps(summary, indent=1))
+        self.trainer.strategy.barrier()
+
+    def score(self, output_dir: str | Path) -> dict[str, Any]:
+        h = self.hparams
+        images, indices = load_samples(output_dir)
+        extractor = (embedded_extractor(h.feature_extractor) if h.feature_extractor is not None
+                     else InceptionExtractor(h.inception_weights))
+        scores = score_images(images, h.real_source, extractor, n_real=h.num_real, kid_subset_size=h.kid_subset_size,
+                              cache_dir=h.metric_cache, device=self.device)
+        if h.fp_samples is not None:
+            fp_images, fp_indices = load_samples(h.fp_samples)
+            common = sorted(set(indices.tolist()) & set(fp_indices.tolist()))
+            if not common:
+                raise ValueError(f"{h.fp_samples}: no image index in common with {output_dir}")
+            pick = lambda imgs, idx: imgs[torch.tensor([idx.tolist().index(j) for j in common])]
+            scores["psnr_vs_fp"] = psnr(pick(images, indices), pick(fp_images, fp_indices))
+        return scores
+
+
+class SampleIndices(L.LightningDataModule):
+    """Image indices 0..num_images-1 that have no PNG yet, split across ranks with no padding or duplicates."""
+
+    def __init__(self, num_images: int = 256, batch_size: int = 256, output_dir: str = "outputs/samples"):
+        super().__init__()
+        if num_images < 1 or batch_size < 1:
+            raise ValueError(f"num_images and batch_size must be >= 1, got {num_images}, {batch_size}")
+        self.num_images, self.batch_size, self.output_dir = num_images, batch_size, Path(output_dir)
+        self.image_dir = self.output_dir / "images"
+
+    def missing(self) -> list[int]:
+        return [j for j in range(self.num_images) if not png_path(self.image_dir, j).exists()]
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        todo = self.missing()[rank::world]
+        return DataLoader(torch.tensor(todo, dtype=torch.long), batch_size=self.batch_size, shuffle=False)
+
+
+class SampleWriter(BasePredictionWriter):
+    """Writes each batch's PNGs (atomically) and its per-step error as soon as the batch is done."""
+
+    def __init__(self):
+        super().__init__(write_interval="batch")
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, torch.Tensor], batch_indices, batch,
+                           batch_idx: int, dataloader_idx: int = 0) -> None:
+        output_dir = Path(trainer.datamodule.output_dir)
+        for j, img in zip(prediction["indices"].tolist(), prediction["images"]):
+            write_png(png_path(output_dir / "images", j), img)
+        if "step_mse" in prediction:  # kept per batch so a resumed run still averages over every image
+            first = int(prediction["indices"][0])
+            atomic_save({"indices": prediction["indices"], "step_mse": prediction["step_mse"]},
+                        output_dir / "step_mse" / f"{first:06d}.pt")
+
+
+
+def finalize_samples(output_dir: str | Path, num_images: int | None = None) -> dict[str, Any]:
+    """Gather the PNGs into ``samples.npz`` (uint8 NHWC, the usual FID-tool layout) and the per-step error."""
+    output_dir = Path(output_dir)
+    paths = sorted((output_dir / "images").glob("*.png"))
+    if num_images is not None:
+        paths = [p for p in paths if int(p.stem) < num_images]
+    images = read_png_images(paths)
+    with atomic_path(output_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=images.permute(0, 2, 3, 1).numpy(), indices=np.array([int(p.stem) for p in paths]))
+    summary: dict[str, Any] = {"num_images": len(paths)}
+    if not paths:
+        raise FileNotFoundError(f"{output_dir / 'images'}: no sampled images to gather")
+    parts = sorted((output_dir / "step_mse").glob("*.pt"))
+    if parts:
+        per_image: dict[int, torch.Tensor] = {}
+        for part in parts:
+            d = torch.load(part, weights_only=True)
+            per_image.update(zip(d["indices"].tolist(), d["step_mse"]))
+        keep = [v for j, v in per_image.items() if num_images is None or j < num_images]
+        summary["per_step_mse"] = torch.stack(keep).mean(0).tolist()
+        atomic_write_text(output_dir / "per_step_mse.json", json.dumps(summary["per_step_mse"]))
+    save_sample_grid(images[:64], output_dir / "grid.png", nrow=8)
+    return summary
+
+
+def load_samples(output_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 NCHW, indices) from a finished sampling run."""
+    path = Path(output_dir) / "samples.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no samples; run the sampling predict first")
+    with np.load(path) as d:
+        return torch.from_numpy(d["images"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(d["indices"])
