@@ -59,12 +59,15 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise TypeError(f"expected uint8 images [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        # inference tensors (e.g. made under Lightning's predict loop) have no version counter; they also cannot be
+        # changed in place outside inference mode, so identity alone keys them
+        version = None if images.is_inference() else images._version
         memo = self._memo
-        if memo is not None and memo[0]() is images and memo[1] == images._version:
+        if memo is not None and memo[0]() is images and memo[1] == version:
             return memo[2]
         with torch.no_grad():
             out = self.extract(images)
-        self._memo = (weakref.ref(images), images._version, out)
+        self._memo = (weakref.ref(images), version, out)
         return out
 
     def train(self, mode: bool = True) -> FeatureExtractor:

@@ -33,13 +33,15 @@ class MultiModelSampler(L.LightningModule):
     """Samples with the FP model (``calibration_run=None``) or with the K segment models of a calibration run."""
 
     def __init__(self, config: str, checkpoint: str, calibration_run: str | None = None, num_steps: int = 100,
-                 skip_type: str = "quad", eta: float = 0.0, seed: int = 1234, track_fp_error: bool = True,
+                 skip_type: str = "quad", eta: float = 0.0, seed: int = 1234, fp_error_images: int = 64,
                  real_source: str | None = "synthetic", feature_extractor: str | None = None,
                  inception_weights: str | None = None, num_real: int = 5000, kid_subset_size: int = 1000,
                  fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache"):
         """``real_source`` ("synthetic", a ``cifar-10-batches-py`` folder or a PNG folder; None skips scoring) is
         scored with ``feature_extractor`` (the embedded classifier) or ``inception_weights`` (a local torch-fidelity
-        Inception file); ``fp_samples`` is an FP sampling run's folder for PSNR on identical noise."""
+        Inception file); ``fp_samples`` is an FP sampling run's folder for PSNR on identical noise.
+        ``fp_error_images``: images with index below it also run the FP model on every x_t of their (quantized)
+        trajectory for the per-step noise-prediction error; it costs one FP forward per step for those images."""
         super().__init__()
         if real_source is not None and (feature_extractor is None) == (inception_weights is None):
             raise ValueError("scoring needs exactly one of feature_extractor (embedded default) or inception_weights")
@@ -65,20 +67,27 @@ class MultiModelSampler(L.LightningModule):
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         noise = IndexedNoise(self.hparams.seed, indices.tolist(), self.image_shape, self.device)
-        step_mse = torch.zeros(len(indices), len(self.seq))
+        tracked = (indices < self.hparams.fp_error_images).nonzero().flatten().to(self.device)
+        step_mse = torch.zeros(len(tracked), len(self.seq))
 
         def fp_error(i: int, t: int, x: torch.Tensor, eps: torch.Tensor) -> None:
             # noise-prediction error of the model in use against FP on the very same x_t
+            x, eps = x[tracked], eps[tracked]
             ref = self.fp_model(x, torch.full((x.shape[0],), float(t), device=x.device))
             step_mse[:, i] = (eps - ref).pow(2).flatten(1).mean(1).cpu()
 
-        track = self.quantized and self.hparams.track_fp_error
+        track = self.quantized and len(tracked) > 0
         x = ddim_sample(self.model_for_step, noise(), self.seq, self.betas, self.hparams.eta,
                         callback=fp_error if track else None, noise_fn=noise)
         out = {"indices": indices.cpu(), "images": to_uint8(x).cpu()}
         if track:
-            out["step_mse"] = step_mse
+            out["step_mse_indices"], out["step_mse"] = indices[tracked.cpu()].cpu(), step_mse
         return out
+
+    def setup(self, stage: str) -> None:
+        # Lightning skips the whole predict loop (and its end hooks) when no image is missing
+        if stage == "predict" and not self.trainer.datamodule.missing():
+            self.on_predict_end()
 
     def on_predict_end(self) -> None:
         """Rank 0 gathers all images (``samples.npz``, ``grid.png``, ``per_step_mse.json``) and scores them."""
@@ -91,6 +100,7 @@ class MultiModelSampler(L.LightningModule):
             atomic_write_text(Path(data.output_dir) / "metrics.json", json.dumps(summary, indent=1))
         self.trainer.strategy.barrier()
 
+    @torch.inference_mode(False)
     def score(self, output_dir: str | Path) -> dict[str, Any]:
         h = self.hparams
         images, indices = load_samples(output_dir)
@@ -138,9 +148,9 @@ class SampleWriter(BasePredictionWriter):
         output_dir = Path(trainer.datamodule.output_dir)
         for j, img in zip(prediction["indices"].tolist(), prediction["images"]):
             write_png(png_path(output_dir / "images", j), img)
-        if "step_mse" in prediction:  # kept per batch so a resumed run still averages over every image
+        if "step_mse" in prediction:  # kept per batch so a resumed run still averages over every tracked image
             first = int(prediction["indices"][0])
-            atomic_save({"indices": prediction["indices"], "step_mse": prediction["step_mse"]},
+            atomic_save({"indices": prediction["step_mse_indices"], "step_mse": prediction["step_mse"]},
                         output_dir / "step_mse" / f"{first:06d}.pt")
 
 
