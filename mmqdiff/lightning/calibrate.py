@@ -1,0 +1,366 @@
+"""Calibrating K segment models in one run: ``python cli.py fit --config configs/embedded/calibrate_k4.yaml``.
+
+Work is a fixed list of items (unit u's weight phase for u = 0..N-1, then unit u's activation phase), each run for all
+segments this process owns; one training step is one item. After every item the whole run (every rank's segment
+quant states, the item counter, timings) is saved atomically to ``<default_root_dir>/checkpoints/last.ckpt``, so
+``--ckpt_path last`` continues at the next item. Every random stream of an item is seeded from (seed, segment, unit,
+phase), so a resumed or parallel run gives the same bits as one uninterrupted sequential run (given equal thread
+counts on CPU). At the end each segment's quant state and packed export go to ``segment_XX/`` and the run is described
+in ``manifest.json`` (see :mod:`mmqdiff.manifest`).
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader
+
+from ..data.calibration import read_calibration_meta
+from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, timesteps
+from ..manifest import MANIFEST_NAME, segment_dir, write_manifest
+from ..quant import QuantConfig, QuantizedUNet, export_packed, load_quant_state, packed_nbytes, quant_state_dict
+from ..quant.reconstruction import ReconSettings, calibrate_item, item_seed, work_items
+from .calib_data import CalibrationDataModule
+from .strategy import SegmentParallelStrategy, gather_to_zero, segments_of_rank
+from .train import atomic_save
+
+CKPT_KEY = "mmqdiff_calibration"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes beside the target and renames (Lightning's own writer stages in the system temp dir and moves, which is
+    a copy, not atomic, when that is another filesystem)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        atomic_save(checkpoint, path)
+
+
+class UnitCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every completed work item of :class:`SegmentCalibration`.
+
+    A ModelCheckpoint (so ``--ckpt_path last`` finds it) that ignores ``global_step``: manual optimisation without
+    Lightning optimizers never advances it. Added by the module itself, so a config cannot drop it.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(dirpath=path.parent, save_last=True, save_top_k=0, enable_version_counter=False)
+        self.path = Path(self.dirpath) / path.name  # ModelCheckpoint resolves dirpath; paths must compare equal
+        self._saved_item: int | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if pl_module.next_item != self._saved_item:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            self.last_model_path, self._saved_item = str(self.path), pl_module.next_item
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Epoch ends carry no extra state here."""
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """No validation in calibration."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The last item was saved already (ModelCheckpoint would save again and delete the 'previous' last)."""
+
+
+class _Ticks(torch.utils.data.Dataset):
+    """One element per work item; the module keeps its own item counter, so what a resumed loader replays does not
+    matter."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class _Reporter:
+    """Rich progress: a live bar per segment (segment, unit i/N, phase, loss) on a single process; with several
+    processes, one line per finished item and rank (live displays of several processes would interleave)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.console = Console()
+        self.prefix = f"rank {rank}: " if world_size > 1 else ""
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]:.4g}"), TimeElapsedColumn(),
+                                 console=self.console, disable=world_size > 1)
+        self.tasks: dict[int, Any] = {}
+
+    def start(self) -> None:
+        self.progress.start()
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+    def item(self, segment: int, unit: int, num_units: int, name: str, phase: str):
+        """The progress callback for one segment's item."""
+        desc = f"{self.prefix}segment {segment}  unit {unit + 1}/{num_units} {name}  {phase}"
+        if segment not in self.tasks:
+            self.tasks[segment] = self.progress.add_task(desc, total=1, loss=float("nan"))
+        task = self.tasks[segment]
+        self.progress.reset(task, description=desc, total=1, loss=float("nan"))
+        return lambda t, iters, loss: self.progress.update(task, completed=t, total=iters, loss=loss)
+
+    def done(self, segment: int, unit: int, num_units: int, name: str, phase: str, stats: dict[str, float]) -> None:
+        self.progress.console.print(
+            f"{self.prefix}segment {segment}  unit {unit + 1}/{num_units} {name:<22} {phase:<6} "
+            f"loss {stats['rec_first']:.4g} -> {stats['rec_last']:.4g}  ({stats['item_seconds']:.1f} s)",
+            soft_wrap=True)
+
+
+@dataclass
+class _Nets:
+    """The FP model and this rank's segment models, kept out of the LightningModule's submodules: Lightning's
+    state_dict would hold one rank's full-precision copies only; the checkpoint carries every rank's compact quant
+    state instead (see ``on_save_checkpoint``)."""
+
+    fp: torch.nn.Module | None = None
+    segments: dict[int, QuantizedUNet] = field(default_factory=dict)
+
+
+def _cpu(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+class SegmentCalibration(LightningModule):
+    """Q-Diffusion calibration of one quantized UNet per timestep segment (K=1: the Q-Diffusion baseline).
+
+    Args:
+        model_config / checkpoint: the FP model (YAML config, local weights file).
+        calibration: calibration file (Q-Diffusion format); its meta, if any, must match the model and schedule.
+        k, boundaries: the segments (``timestep_segments``); num_steps / skip_type: the sampling schedule.
+        cali_st, cali_n: the reference selection rule, applied within each segment.
+        quant: what to quantize (``QuantConfig``; ``unit_order: registration`` restores the reference order).
+        recon: reconstruction settings and improvement switches (``ReconSettings``).
+        seed: root of every random stream (per segment, unit and phase).
+        overwrite: replace the outputs of a previous run in the same folder instead of refusing.
+
+    Outputs go to ``trainer.default_root_dir`` (the run folder); use ``logger: false`` so checkpoints sit there.
+    """
+
+    def __init__(self, model_config: str, checkpoint: str, calibration: str, k: int = 1,
+                 boundaries: list[int] | None = None, num_steps: int = 100, skip_type: str = "quad", cali_st: int = 20,
+                 cali_n: int = 256, quant: QuantConfig = QuantConfig(), recon: ReconSettings = ReconSettings(),
+                 seed: int = 1234, overwrite: bool = False):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model_config, self.checkpoint, self.calibration = model_config, checkpoint, calibration
+        self.k, self.boundaries, self.num_steps, self.skip_type = k, boundaries, num_steps, skip_type
+        self.cali_st, self.cali_n, self.quant, self.recon = cali_st, cali_n, quant, recon
+        self.seed, self.overwrite = seed, overwrite
+        self.next_item = 0
+        self.nets = _Nets()
+        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stats: dict[int, dict[str, Any]] = {}
+        self.run_seconds = 0.0
+
+    # ----------------------------------------------------------------------------------------------- setup
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.trainer.default_root_dir)
+
+    def setup(self, stage: str) -> None:
+        self._session_start = time.perf_counter()
+        trainer = self.trainer
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, SegmentParallelStrategy):
+            raise ValueError(f"several processes need trainer.strategy=segment_parallel (each calibrates its own "
+                             f"segments), got {type(trainer.strategy).__name__}")
+        self._check_writable(self.run_dir, trainer.global_rank)
+        device = trainer.strategy.root_device
+        cfg = load_config(self.model_config)
+        fp = self.nets.fp = load_checkpoint(build_model(cfg), self.checkpoint).to(device).eval().requires_grad_(False)
+        self.model_sha256 = file_sha256(self.checkpoint)
+        image_shape = [fp.in_channels, fp.resolution, fp.resolution]
+        self.data = CalibrationDataModule(self.calibration, self.num_steps, self.k, list(range(self.k)),
+                                          self.cali_st, self.cali_n, boundaries=self.boundaries,
+                                          image_shape=image_shape, model_sha256=self.model_sha256,
+                                          skip_type=self.skip_type)
+        self.calibration_sha256 = file_sha256(self.calibration)
+        seq = timesteps(self.num_steps, self.skip_type, cfg.get("diffusion", {}).get("num_diffusion_timesteps", 1000))
+        self.t_of_step = list(reversed(seq))
+        self.my_segments = segments_of_rank(self.k, trainer.global_rank, trainer.world_size)
+        for s in self.my_segments:  # segments are never empty (timestep_segments), nor their selection
+            self.pairs[s] = self.data.pairs(s)
+            self.nets.segments[s] = QuantizedUNet(fp, self.quant).to(device).eval()
+            self.stats[s] = {"wall_seconds": 0.0, "peak_mem_bytes": 0, "units": []}
+        any_model = next(iter(self.nets.segments.values()), None) or QuantizedUNet(fp, self.quant)
+        self.units = list(any_model.unit_names)
+        self.items = work_items(len(self.units), self.quant.quant_act)
+        self._resumed = False
+
+    @staticmethod
+    def _check_writable(run_dir: Path, rank: int) -> None:
+        probe = run_dir / f".write_probe{rank}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise PermissionError(f"output folder {run_dir} is not writable ({type(e).__name__}: {e}); set "
+                                  "trainer.default_root_dir to a writable folder") from e
+
+    def signature(self) -> dict[str, Any]:
+        """What must not change between a checkpoint and the run that resumes it."""
+        recon = {k: v for k, v in asdict(self.recon).items() if k != "cache_device"}
+        return {"model_sha256": self.model_sha256, "calibration_sha256": self.calibration_sha256, "k": self.k,
+                "segments": [[r.start, r.stop] for r in self.data.segments], "num_steps": self.num_steps,
+                "skip_type": self.skip_type, "cali_st": self.cali_st, "cali_n": self.cali_n,
+                "quant": asdict(self.quant), "recon": recon, "seed": self.seed, "units": self.units}
+
+    def on_fit_start(self) -> None:
+        previous = [p for p in (self.run_dir / MANIFEST_NAME, self.last_ckpt) if p.exists()]
+        if previous and not self._resumed:
+            if not self.overwrite:
+                raise FileExistsError(f"{self.run_dir} holds a previous run ({', '.join(map(str, previous))}); "
+                                      "resume it with --ckpt_path last, choose another trainer.default_root_dir, or "
+                                      "set model.init_args.overwrite true")
+            if self.trainer.is_global_zero:
+                for p in previous:
+                    p.unlink()
+        # unconditional: a rank that looks after rank 0 deleted the old files must still meet it here
+        self.trainer.strategy.barrier()
+        self.reporter = _Reporter(self.trainer.global_rank, self.trainer.world_size)
+        self.reporter.start()
+
+    @property
+    def last_ckpt(self) -> Path:
+        """Where ``--ckpt_path last`` looks without a logger: ``<default_root_dir>/checkpoints/last.ckpt``."""
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [UnitCheckpoint(self.last_ckpt)]
+
+    def configure_optimizers(self) -> None:
+        """Each work item builds its own optimiser (one per unit and phase, as the reference)."""
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Ticks(len(self.items)), batch_size=None)
+
+    # ----------------------------------------------------------------------------------------------- work
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self.next_item < len(self.items):
+            unit, phase = self.items[self.next_item]
+            for s in self.my_segments:
+                self._run_item(s, unit, phase)
+            self.next_item += 1
+        if self.next_item >= len(self.items):
+            self.trainer.should_stop = True
+
+    def _run_item(self, s: int, unit: int, phase: str) -> None:
+        name, n = self.units[unit], len(self.units)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        progress = self.reporter.item(s, unit, n, name, phase)
+        stats = calibrate_item(self.nets.segments[s], self.nets.fp, *self.pairs[s], unit, phase, self.recon,
+                               item_seed(self.seed, s, unit, phase), progress)
+        stats["item_seconds"] = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated(self.device) if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        seg = self.stats[s]
+        seg["wall_seconds"] += stats["item_seconds"]
+        seg["peak_mem_bytes"] = max(seg["peak_mem_bytes"], int(peak))
+        seg["units"].append({"unit": name, "phase": phase, **stats})
+        self.reporter.done(s, unit, n, name, phase, stats)
+
+    @property
+    def peak_mem_kind(self) -> str:
+        return ("cuda_max_memory_allocated" if self.device.type == "cuda"
+                else "process_peak_rss (shared by the segments of one process)")
+
+    # ----------------------------------------------------------------------------------------------- state
+    def _elapsed(self) -> float:
+        return self.run_seconds + time.perf_counter() - self._session_start
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        local = {s: {"quant_state": _cpu(quant_state_dict(q)), "stats": self.stats[s]}
+                 for s, q in self.nets.segments.items()}
+        gathered = gather_to_zero(local)
+        if gathered is None:
+            return  # only rank 0 writes the file
+        segments = {s: v for part in gathered for s, v in part.items()}
+        unit, phase = self.items[self.next_item] if self.next_item < len(self.items) else (None, None)
+        checkpoint[CKPT_KEY] = {"next_item": self.next_item, "next_unit": unit, "next_phase": phase,
+                                "signature": self.signature(), "run_seconds": self._elapsed(), "segments": segments}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get(CKPT_KEY)
+        if state is None:
+            raise ValueError("checkpoint was not written by SegmentCalibration")
+        mine, theirs = self.signature(), state["signature"]
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(f"cannot resume: checkpoint was made with different {diff} "
+                             f"(e.g. {diff[0]}: checkpoint {theirs.get(diff[0])!r}, now {mine.get(diff[0])!r})")
+        for s in self.my_segments:
+            load_quant_state(self.nets.segments[s], state["segments"][s]["quant_state"])
+            self.stats[s] = state["segments"][s]["stats"]
+        self.next_item, self.run_seconds, self._resumed = state["next_item"], state["run_seconds"], True
+
+    # ----------------------------------------------------------------------------------------------- outputs
+    def on_train_end(self) -> None:
+        self.reporter.stop()
+        if self.next_item < len(self.items):
+            Console().print(f"calibration stopped after {self.next_item}/{len(self.items)} work items; continue with "
+                            "--ckpt_path last")
+            return
+        entries = {s: self._write_segment(s) for s in self.my_segments}
+        gathered = gather_to_zero(entries)
+        if gathered is not None:
+            segments = {s: e for part in gathered for s, e in part.items()}
+            path = write_manifest(self.run_dir, self._manifest([segments[s] for s in range(self.k)]))
+            Console().print(f"calibrated {self.k} segment model(s) in {self._elapsed():.1f} s: {path}")
+        self.trainer.strategy.barrier()
+
+    def _write_segment(self, s: int) -> dict[str, Any]:
+        q, steps, (xs, ts) = self.nets.segments[s], self.data.segments[s], self.pairs[s]
+        q.set_quant_state(True, self.quant.quant_act)
+        folder = segment_dir(self.run_dir, s)
+        files = {"quant_state": folder / "quant_state.pt", "packed": folder / "packed.pt"}
+        export = _cpu(export_packed(q))
+        atomic_save(_cpu(quant_state_dict(q)), files["quant_state"])
+        atomic_save(export, files["packed"])
+        return {"index": s, "steps": [steps.start, steps.stop],
+                "t_range": [self.t_of_step[steps.start], self.t_of_step[steps.stop - 1]],
+                "pairs": len(xs), "calib_t_range": [int(ts.max()), int(ts.min())],
+                **{k: str(p.relative_to(self.run_dir)) for k, p in files.items()},
+                "sha256": {k: file_sha256(p) for k, p in files.items()}, "model_bytes": packed_nbytes(export),
+                "wall_seconds": self.stats[s]["wall_seconds"], "peak_mem_bytes": self.stats[s]["peak_mem_bytes"],
+                "rank": self.trainer.global_rank,
+                "units": [{k: u[k] for k in ("unit", "phase", "rec_first", "rec_last", "item_seconds")}
+                          for u in self.stats[s]["units"]]}
+
+    def _manifest(self, segments: list[dict[str, Any]]) -> dict[str, Any]:
+        meta = read_calibration_meta(self.calibration)
+        return {"k": self.k, "num_steps": self.num_steps, "skip_type": self.skip_type, "segments": segments,
+                "weight_bits": self.quant.weight_bits, "act_bits": self.quant.act_bits if self.quant.quant_act else 32,
+                "quant_config": asdict(self.quant), "reconstruction": asdict(self.recon), "seed": self.seed,
+                "units": self.units, "fp_model": {"config": str(self.model_config),
+                                                  "config_dict": load_config(self.model_config),
+                                                  "checkpoint": str(self.checkpoint), "sha256": self.model_sha256},
+                "calibration": {"path": str(self.calibration), "sha256": self.calibration_sha256,
+                                "cali_st": self.cali_st, "cali_n": self.cali_n, "meta": meta},
+                "wall_seconds": self._elapsed(), "peak_mem_kind": self.peak_mem_kind,
+                "peak_mem_bytes": max(seg["peak_mem_bytes"] for seg in segments),
+                "model_bytes": sum(seg["model_bytes"] for seg in segments),
+                "world_size": self.trainer.world_size, "device": str(self.device),
+                "torch_threads": torch.get_num_threads()}

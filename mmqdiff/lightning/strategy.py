@@ -1,0 +1,50 @@
+"""``segment_parallel``: K independent segment calibrations spread over N processes.
+
+Each rank calibrates its own segments; nothing is averaged, so the module is not wrapped in
+DistributedDataParallel (which would also refuse a module without parameters). The process group is used only for
+the collectives of checkpointing and the final outputs. Select it with ``trainer.strategy: segment_parallel`` and
+``trainer.devices: N`` (GPUs, or CPU processes with gloo); multi-node runs add ``trainer.num_nodes`` under any
+launcher Lightning supports (torchrun, SLURM), the run folder on a shared filesystem.
+"""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+T = TypeVar("T")
+
+
+class SegmentParallelStrategy(DDPStrategy):
+    """DDP process management without gradient synchronisation; every rank sees every work item."""
+
+    strategy_name = "segment_parallel"
+
+    def configure_ddp(self) -> None:
+        """No DistributedDataParallel wrapper: ranks train disjoint models."""
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Each rank iterates all work items (for its own segments), so the sampler must not shard them."""
+        return {"num_replicas": 1, "rank": 0}
+
+
+def segments_of_rank(k: int, rank: int, world_size: int) -> list[int]:
+    """Round-robin assignment: rank r calibrates segments r, r + N, r + 2N, ... (a pure function of (k, r, N), so a
+    resumed run may use a different N)."""
+    return list(range(rank, k, world_size))
+
+
+def gather_to_zero(obj: T) -> list[T] | None:
+    """Every rank's ``obj`` on rank 0 (in rank order), None elsewhere; ``[obj]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[T] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None  # type: ignore[list-item]
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+StrategyRegistry.register(SegmentParallelStrategy.strategy_name, SegmentParallelStrategy,
+                          description="one process per device, each calibrating its own segments",
+                          start_method="popen")

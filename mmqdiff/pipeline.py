@@ -1,0 +1,146 @@
+"""The main job: calibration data -> K=1 and K>1 calibration -> FP and K-model sampling -> one report.
+
+    python -m mmqdiff.pipeline --config configs/embedded/main.yaml
+
+Each stage is the same ``cli.py`` fit / predict a user would run by hand, in its own process (so a stage that
+launches several processes, like segment-parallel calibration, re-launches that command and not this one), and
+each is skipped when its finished artefact exists, so rerunning after an interruption continues where it stopped
+(calibration resumes from its last unit checkpoint). The last line printed is the path of report.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from .diffusion import build_model
+from .manifest import read_manifest
+from .report import write_report
+
+console = Console(width=120)
+
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+
+
+def _cli(args: list[str]) -> None:
+    subprocess.run([sys.executable, str(CLI), *args], check=True)
+
+
+def _stage(name: str, timings: dict[str, float]):
+    class _Timer:
+        def __enter__(self):
+            console.rule(f"[bold]{name}")
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = time.perf_counter() - self.start
+            if exc[0] is None:
+                console.print(f"[green]{name}: {timings[name]:.1f} s")
+    return _Timer()
+
+
+def generate_calibration(cfg: dict[str, Any], timings: dict[str, float]) -> None:
+    data = cfg["calibration_data"]
+    if Path(data["path"]).is_file():
+        console.print(f"calibration data present: {data['path']}")
+        return
+    with _stage("calibration data", timings):
+        _cli(["predict", "--config", data["config"], "--trainer.callbacks.init_args.path", data["path"],
+              *data.get("args", [])])
+
+
+def calibrate(run: dict[str, Any], timings: dict[str, float]) -> None:
+    run_dir = Path(run["run_dir"])
+    if (run_dir / "manifest.json").is_file():
+        console.print(f"{run['name']}: calibration present in {run_dir}")
+        return
+    args = ["fit", "--config", run["config"], "--trainer.default_root_dir", str(run_dir), *run.get("args", [])]
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        args += ["--ckpt_path", "last"]
+    with _stage(f"calibrate {run['name']}", timings):
+        _cli(args)
+
+
+def sample(name: str, sampling: dict[str, Any], out_dir: Path, timings: dict[str, float],
+           calibration_run: str | None = None, fp_samples: Path | None = None) -> dict[str, Any]:
+    if not (out_dir / "metrics.json").is_file():
+        args = ["predict", "--config", sampling["config"], "--data.init_args.output_dir", str(out_dir),
+                "--trainer.default_root_dir", str(out_dir), "--data.init_args.num_images", str(sampling["num_images"])]
+        if calibration_run is not None:
+            args += ["--model.init_args.calibration_run", calibration_run]
+        if fp_samples is not None:
+            args += ["--model.init_args.fp_samples", str(fp_samples)]
+        args += sampling.get("args", [])
+        with _stage(f"sample {name}", timings):
+            _cli(args)
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def fp_model_bytes(model_config: str) -> int:
+    """fp32 bytes of the FP parameters: what the FP row of the table stores."""
+    return sum(p.numel() * p.element_size() for p in build_model(model_config).parameters())
+
+
+def run_entry(name: str, metrics: dict[str, Any], manifest: dict[str, Any] | None, model_config: str,
+              out_dir: Path) -> dict[str, Any]:
+    entry = {"name": name, "fid": metrics.get("fid"), "is": metrics.get("is_mean"), "is_std": metrics.get("is_std"),
+             "kid": metrics.get("kid_mean"), "kid_std": metrics.get("kid_std"), "psnr_vs_fp": metrics.get("psnr_vs_fp"),
+             "per_step_mse": metrics.get("per_step_mse"), "sample_grid": str(out_dir / "grid.png"),
+             "num_images": metrics.get("num_images")}
+    if manifest is None:
+        entry.update(segments=None, weight_bits=None, act_bits=None, model_bytes=fp_model_bytes(model_config),
+                     calib_seconds=None, peak_mem_bytes=None)
+    else:
+        segs = manifest["segments"]
+        entry.update(segments=len(segs), weight_bits=manifest["weight_bits"], act_bits=manifest["act_bits"],
+                     model_bytes=sum(s["model_bytes"] for s in segs),
+                     calib_seconds=manifest.get("wall_seconds", sum(s["wall_seconds"] for s in segs)),
+                     peak_mem_bytes=max(s["peak_mem_bytes"] for s in segs))
+    return entry
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Stages of the config: ``calibration_data``, ``calibrations`` and ``sampling``; each may add ``args``
+    (extra ``cli.py`` flags, e.g. the user's checkpoint path) to its commands."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/embedded/main.yaml")
+    args = parser.parse_args(argv)
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "main_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    generate_calibration(cfg, timings)
+    for run in cfg["calibrations"]:
+        calibrate(run, timings)
+
+    sampling = cfg["sampling"]
+    fp_dir = out / "samples_fp"
+    runs = [run_entry("FP", sample("FP", sampling, fp_dir, timings), None, sampling["model_config"], fp_dir)]
+    for run in cfg["calibrations"]:
+        run_out = out / f"samples_{Path(run['run_dir']).name}"
+        metrics = sample(run["name"], sampling, run_out, timings, run["run_dir"], fp_dir)
+        runs.append(run_entry(run["name"], metrics, read_manifest(run["run_dir"]), sampling["model_config"], run_out))
+
+    with _stage("report", timings):
+        report = write_report(runs, out / "report", console=console)
+    timings["total"] = time.perf_counter() - start
+    (out / "report" / "timings.json").write_text(json.dumps(timings, indent=1))
+    for stage, seconds in timings.items():
+        console.print(f"{stage:>28}: {seconds:7.1f} s")
+    print(report.resolve())
+    return report
+
+
+if __name__ == "__main__":
+    main()

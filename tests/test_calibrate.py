@@ -1,0 +1,250 @@
+"""SegmentCalibration end to end through the CLI on the embedded model (23 units) with a small calibration file of its
+own trajectories: outputs and manifest, bad inputs, and (slow) kill/resume bit-identity and 2-process parallel ==
+sequential."""
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmqdiff.data import record_trajectories, save_calibration, select_steps
+from mmqdiff.diffusion import build_model, file_sha256, linear_betas, load_checkpoint, load_config, timesteps
+from mmqdiff.lightning.calibrate import SegmentCalibration
+from mmqdiff.manifest import load_segment_models, read_manifest
+from mmqdiff.quant import packed_nbytes
+from mmqdiff.quant.reconstruction import NonFiniteLossError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs/embedded/calibrate_k4.yaml"
+NUM_STEPS, UNITS = 10, 23
+_spec = importlib.util.spec_from_file_location("cli", ROOT / "cli.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The shipped embedded model and a calibration file of 8 of its DDIM trajectories over 10 quad steps."""
+    d = tmp_path_factory.mktemp("world")
+    config, checkpoint = ROOT / "configs/embedded.yaml", ROOT / "checkpoints/embedded_unet.pt"
+    model = load_checkpoint(build_model(config), checkpoint).eval()
+    with torch.no_grad():
+        xs, ts = record_trajectories(model, range(8), 0, timesteps(NUM_STEPS, "quad"), linear_betas(), 0.0,
+                                     (3, 16, 16))
+    meta = {"model_sha256": file_sha256(checkpoint), "num_steps": NUM_STEPS, "skip_type": "quad"}
+    save_calibration(d / "calib.pt", xs, ts, meta)
+    return {"config": config, "checkpoint": checkpoint, "calibration": d / "calib.pt", "xs": xs, "ts": ts,
+            "meta": meta}
+
+
+def args(world, run_dir, k=2, iters=4, iters_a=3, calibration=None, extra=()):
+    """The shipped embedded config, pointed at the tiny world."""
+    return ["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+            "--model.init_args.model_config", str(world["config"]),
+            "--model.init_args.checkpoint", str(world["checkpoint"]),
+            "--model.init_args.calibration", str(calibration or world["calibration"]),
+            "--model.init_args.num_steps", str(NUM_STEPS), "--model.init_args.k", str(k),
+            "--model.init_args.cali_st", "2", "--model.init_args.cali_n", "6",
+            "--model.init_args.recon.cali_iters", str(iters), "--model.init_args.recon.cali_iters_a", str(iters_a),
+            *extra]
+
+
+def fit(*a, **kw):
+    return cli.main(args(*a, **kw))
+
+
+def tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k]
+                                        for k, v in a.items())
+
+
+@pytest.fixture(scope="module")
+def finished(world, tmp_path_factory):
+    """A finished K=2 run, given a relative run folder (as the shipped configs do)."""
+    parent, cwd = tmp_path_factory.mktemp("run"), os.getcwd()
+    os.chdir(parent)
+    try:
+        module = fit(world, "k2").model
+    finally:
+        os.chdir(cwd)
+    return parent / "k2", module
+
+
+def test_manifest_describes_the_run(world, finished):
+    run_dir, module = finished
+    m = read_manifest(run_dir)
+    assert m["k"] == 2 and m["num_steps"] == NUM_STEPS and (m["weight_bits"], m["act_bits"]) == (4, 8)
+    assert [s["steps"] for s in m["segments"]] == [[0, 5], [5, 10]]
+    seq = timesteps(NUM_STEPS, "quad")
+    assert m["segments"][0]["t_range"] == [seq[-1], seq[5]] and m["segments"][1]["t_range"] == [seq[4], seq[0]]
+    assert m["fp_model"]["sha256"] == file_sha256(world["checkpoint"])
+    assert m["fp_model"]["config_dict"] == load_config(world["config"])
+    assert m["calibration"]["sha256"] == file_sha256(world["calibration"])
+    assert m["calibration"]["meta"] == world["meta"]
+    assert m["quant_config"]["split_shortcut"] and m["quant_config"]["unit_order"] == "forward"
+    assert m["reconstruction"]["cali_iters"] == 4 and m["reconstruction"]["eval_mode"] is True
+    assert m["peak_mem_kind"].startswith("process_peak_rss") and m["wall_seconds"] > 0
+    assert m["units"] == module.units and len(m["units"]) == UNITS
+    for seg in m["segments"]:
+        assert seg["pairs"] == len(select_steps(range(*seg["steps"]), 2)) * 6
+        assert seg["peak_mem_bytes"] > 0 and seg["wall_seconds"] > 0
+        for kind in ("quant_state", "packed"):
+            assert file_sha256(run_dir / seg[kind]) == seg["sha256"][kind]
+        assert seg["model_bytes"] == packed_nbytes(torch.load(run_dir / seg["packed"], weights_only=True))
+        assert [(u["unit"], u["phase"]) for u in seg["units"]] == \
+            [(n, p) for p in ("weight", "act") for n in m["units"]]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+
+
+def test_loaded_segment_models_reproduce_the_calibrated_ones(world, finished):
+    run_dir, module = finished
+    ranges, models = load_segment_models(run_dir)
+    assert ranges == [range(0, 5), range(5, 10)]
+    x, t = world["xs"][3, :4], world["ts"][3, :4]
+    for s, q in enumerate(models):
+        assert not q.training
+        with torch.no_grad():
+            assert torch.equal(q(x, t), module.nets.segments[s].eval()(x, t))
+
+
+def test_tampered_outputs_are_refused(finished, tmp_path):
+    run_dir, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    packed = copy / "segment_01" / "packed.pt"
+    packed.write_bytes(packed.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"segment_01/packed.pt: SHA-256 .* differs from the manifest"):
+        load_segment_models(copy)
+    (copy / "manifest.json").write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match="not a calibration manifest"):
+        read_manifest(copy)
+
+
+def test_existing_run_is_not_overwritten(world, finished):
+    run_dir, _ = finished
+    before = (run_dir / "manifest.json").read_bytes()
+    with pytest.raises(FileExistsError, match="holds a previous run"):
+        fit(world, run_dir)
+    assert (run_dir / "manifest.json").read_bytes() == before
+
+
+def test_resume_with_other_settings_is_refused(world, finished):
+    run_dir, _ = finished
+    before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ValueError, match=r"cannot resume: checkpoint was made with different \['recon'\]"):
+        fit(world, run_dir, iters=5, extra=["--ckpt_path", "last"])
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_calibration_file_for_another_model_is_refused(world, tmp_path):
+    other = tmp_path / "other.pt"
+    save_calibration(other, world["xs"], world["ts"], {**world["meta"], "model_sha256": "0" * 64})
+    with pytest.raises(ValueError, match="calibration data were made for another setup .*model_sha256"):
+        fit(world, tmp_path / "run", calibration=other)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_segment_without_steps_is_refused(world, tmp_path):
+    with pytest.raises(ValueError, match="k=11 exceeds the number of sampling steps 10"):
+        fit(world, tmp_path / "run", k=11)
+
+
+def test_unwritable_output_folder_is_refused(world, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=str(blocker)):  # from the first writer (the CLI's config.yaml, or our probe)
+        fit(world, blocker / "run")
+    with pytest.raises(PermissionError, match="output folder .* is not writable"):  # the module's own check
+        SegmentCalibration._check_writable(blocker / "run", 0)
+
+
+def test_non_finite_loss_stops_at_the_unit_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    bad = tmp_path / "huge.pt"
+    huge = world["xs"] / world["xs"].abs().max() * 1e37  # finite inputs that overflow inside the network
+    save_calibration(bad, huge, world["ts"], world["meta"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"unit (\S+): weight-phase loss is") as err:
+        fit(world, run_dir, calibration=bad)
+    unit = err.value.args[0].split()[1].rstrip(":")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["mmqdiff_calibration"]
+    assert ckpt["signature"]["units"].index(unit) == ckpt["next_item"] > 0  # every earlier unit is saved
+    assert not (run_dir / "manifest.json").exists()
+
+
+# --- slow: real processes -----------------------------------------------------------------------------------------
+
+def run_cli(cli_args, env_extra=None, **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}  # DDP ranks get 1 thread: so does the baseline
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *cli_args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(proc, timeout=170):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def artefacts(run_dir, k):
+    """Every segment's quant state and packed export (torch.save files differ byte-wise run to run by a random
+    serialization id, so contents are compared, not file hashes)."""
+    return [torch.load(run_dir / f"segment_{s:02d}" / name, weights_only=True)
+            for s in range(k) for name in ("quant_state.pt", "packed.pt")]
+
+
+SLOW_K, SLOW_ITERS = 3, 40
+
+
+@pytest.fixture(scope="module")
+def sequential(world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("seq") / "run"
+    finish(run_cli(args(world, run_dir, k=SLOW_K, iters=SLOW_ITERS, iters_a=20)))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_identical(world, sequential, tmp_path):
+    run_dir = tmp_path / "run"
+    cli_args = args(world, run_dir, k=SLOW_K, iters=SLOW_ITERS, iters_a=20)
+    proc = run_cli(cli_args)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 150
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    state = torch.load(ckpt, weights_only=False)["mmqdiff_calibration"]
+    assert 0 < state["next_item"] < 2 * UNITS and not (run_dir / "manifest.json").exists()  # killed mid-way
+    item = state["next_item"]
+    assert (state["next_unit"], state["next_phase"]) == (item % UNITS, "weight" if item < UNITS else "act")
+    finish(run_cli([*cli_args, "--ckpt_path", "last"]))
+    for a, b in zip(artefacts(run_dir, SLOW_K), artefacts(sequential, SLOW_K)):
+        assert tensors_equal(a, b)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_sequential(world, sequential, tmp_path):
+    run_dir = tmp_path / "run"
+    out = finish(run_cli(args(world, run_dir, k=SLOW_K, iters=SLOW_ITERS, iters_a=20,
+                              extra=["--trainer.devices", "2", "--trainer.strategy", "segment_parallel"])))
+    manifest = read_manifest(run_dir)
+    assert manifest["world_size"] == 2 and [s["rank"] for s in manifest["segments"]] == [0, 1, 0], out[-2000:]
+    for a, b in zip(artefacts(run_dir, SLOW_K), artefacts(sequential, SLOW_K)):
+        assert tensors_equal(a, b)
+    seq = read_manifest(sequential)
+    assert [s["model_bytes"] for s in manifest["segments"]] == [s["model_bytes"] for s in seq["segments"]]
