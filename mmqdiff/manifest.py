@@ -8,7 +8,6 @@ calibration file with their SHA-256) and what it cost (wall time, peak memory, p
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 
 from .data.segments import segment_of_step
 from .diffusion import build_model, file_sha256
+from .io import atomic_write_text
 from .quant import QuantizedUNet, config_from_state, load_packed, quantize_model
 
 FORMAT = "mmqdiff.calibration-run/1"
@@ -54,13 +54,7 @@ def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Validate and write ``run_dir/manifest.json`` atomically (temporary file, then rename)."""
     path = Path(run_dir) / MANIFEST_NAME
     _validate({"format": FORMAT, **manifest}, str(path))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"format": FORMAT, **manifest}, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_text(path, json.dumps({"format": FORMAT, **manifest}, indent=2) + "\n")
 
 
 def read_manifest(run_dir_or_path: str | Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from ..quant import QuantConfig, QuantizedUNet, export_packed, load_quant_state,
 from ..quant.reconstruction import ReconSettings, calibrate_item, item_seed, work_items
 from .calib_data import CalibrationDataModule
 from .strategy import SegmentParallelStrategy, gather_to_zero, segments_of_rank
-from .train import atomic_save
+from ..io import atomic_save
 
 CKPT_KEY = "mmqdiff_calibration"
 
@@ -225,7 +225,9 @@ class SegmentCalibration(LightningModule):
                 "quant": asdict(self.quant), "recon": recon, "seed": self.seed, "units": self.units}
 
     def on_fit_start(self) -> None:
-        previous = [p for p in (self.run_dir / MANIFEST_NAME, self.last_ckpt) if p.exists()]
+        # rank 0 decides for all: another rank could otherwise look after rank 0 deleted, skip the barrier, and hang
+        previous = self.trainer.strategy.broadcast([p for p in (self.run_dir / MANIFEST_NAME, self.last_ckpt)
+                                                    if p.exists()])
         if previous and not self._resumed:
             if not self.overwrite:
                 raise FileExistsError(f"{self.run_dir} holds a previous run ({', '.join(map(str, previous))}); "

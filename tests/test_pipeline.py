@@ -1,0 +1,54 @@
+"""The main job end to end on a shrunken embedded default (few steps, images and iterations)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from mmqdiff import pipeline
+from mmqdiff.report import REQUIRED_KEYS
+
+from .conftest import ROOT
+
+STEPS = ["--model.init_args.num_steps", "6"]
+CALIB = [*STEPS, "--model.init_args.cali_st", "2", "--model.init_args.cali_n", "4",
+         "--model.init_args.recon.cali_iters", "2", "--model.init_args.recon.cali_iters_a", "2",
+         "--trainer.devices", "1", "--trainer.strategy", "auto"]
+
+
+@pytest.mark.slow
+def test_main_job_writes_report_with_fp_k1_k2(tmp_path, capsys):
+    out = tmp_path / "out"
+    cfg = {
+        "output_dir": str(out),
+        "calibration_data": {"config": str(ROOT / "configs/embedded/gen_calib.yaml"), "path": str(out / "calib.pt"),
+                             "args": [*STEPS, "--data.init_args.num_trajectories", "8"]},
+        "calibrations": [
+            {"name": "W4A8 K=1", "config": str(ROOT / "configs/embedded/calibrate_k1.yaml"),
+             "run_dir": str(out / "calib_k1"), "args": CALIB},
+            {"name": "W4A8 K=2", "config": str(ROOT / "configs/embedded/calibrate_k4.yaml"),
+             "run_dir": str(out / "calib_k2"), "args": [*CALIB, "--model.init_args.k", "2"]},
+        ],
+        "sampling": {"config": str(ROOT / "configs/embedded/sample.yaml"), "model_config": "configs/embedded.yaml",
+                     "num_images": 6, "args": [*STEPS, "--model.init_args.num_real", "64",
+                                               "--model.init_args.kid_subset_size", "3",
+                                               "--data.init_args.batch_size", "3"]},
+    }
+    (tmp_path / "main.yaml").write_text(yaml.safe_dump(cfg))
+    report = pipeline.main(["--config", str(tmp_path / "main.yaml")])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(report.resolve())
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["name"] for r in runs] == ["FP", "W4A8 K=1", "W4A8 K=2"]
+    for run in runs:
+        assert set(REQUIRED_KEYS) <= set(run)
+    fp, k1, k2 = runs
+    assert fp["segments"] is None and fp["psnr_vs_fp"] is None
+    assert (k1["segments"], k2["segments"]) == (1, 2) and k1["weight_bits"] == 4 and k1["act_bits"] == 8
+    assert k2["model_bytes"] == 2 * k1["model_bytes"] < fp["model_bytes"]
+    assert all(r["fid"] is not None and r["psnr_vs_fp"] > 0 for r in (k1, k2))
+    assert len(k1["per_step_mse"]) == 6 and (out / "report/per_step_mse.png").is_file()
+    # a rerun finds every artefact and only rewrites the report
+    before = (out / "samples_calib_k2/metrics.json").stat().st_mtime_ns
+    pipeline.main(["--config", str(tmp_path / "main.yaml")])
+    assert (out / "samples_calib_k2/metrics.json").stat().st_mtime_ns == before
