@@ -57,12 +57,13 @@ def generate_calibration(cfg: dict[str, Any], timings: dict[str, float]) -> None
               *data.get("args", [])])
 
 
-def calibrate(run: dict[str, Any], timings: dict[str, float]) -> None:
+def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, float]) -> None:
     run_dir = Path(run["run_dir"])
     if (run_dir / "manifest.json").is_file():
         console.print(f"{run['name']}: calibration present in {run_dir}")
         return
-    args = ["fit", "--config", run["config"], "--trainer.default_root_dir", str(run_dir), *run.get("args", [])]
+    args = ["fit", "--config", run["config"], "--trainer.default_root_dir", str(run_dir),
+            "--model.init_args.calibration", calibration_data, *run.get("args", [])]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]
     with _stage(f"calibrate {run['name']}", timings):
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     generate_calibration(cfg, timings)
     for run in cfg["calibrations"]:
-        calibrate(run, timings)
+        calibrate(run, cfg["calibration_data"]["path"], timings)
 
     sampling = cfg["sampling"]
     fp_dir = out / "samples_fp"
