@@ -1,7 +1,6 @@
 """SegmentCalibration end to end through the CLI on the embedded model (23 units) with a small calibration file of its
 own trajectories: outputs and manifest, bad inputs, and (slow) kill/resume bit-identity and 2-process parallel ==
 sequential."""
-import importlib.util
 import os
 import shutil
 import signal
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 from mmqdiff.data import record_trajectories, save_calibration, select_steps
 from mmqdiff.diffusion import build_model, file_sha256, linear_betas, load_checkpoint, load_config, timesteps
 from mmqdiff.lightning.calibrate import SegmentCalibration
@@ -23,17 +23,6 @@ from mmqdiff.quant.reconstruction import NonFiniteLossError
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/embedded/calibrate_k4.yaml"
 NUM_STEPS, UNITS = 10, 23
-_spec = importlib.util.spec_from_file_location("cli", ROOT / "cli.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

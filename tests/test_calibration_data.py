@@ -1,4 +1,3 @@
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -6,6 +5,7 @@ import pytest
 import torch
 import yaml
 
+import cli
 from mmqdiff.data import (load_calibration, read_calibration_meta, record_trajectories, save_calibration,
                           select_steps, timestep_segments, trajectory_generator)
 from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_betas, timesteps
@@ -14,18 +14,6 @@ from mmqdiff.lightning.generate import CalibrationGenerator, CalibrationWriter, 
 
 IMG = (3, 2, 2)
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("cli", ROOT / "cli.py")
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second OpenMP thread only waits for the busy core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def encoded(num_steps=100, n=6, extra_x=True):

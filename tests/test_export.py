@@ -11,16 +11,6 @@ from mmqdiff.quant import (QuantConfig, QuantLayer, adaround_quantizers, config_
 from mmqdiff.quant.export import pack_codes, unpack_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waits under contention
-    made this file ~15x slower (measured 64 s vs 3.5 s); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 10])
 def test_pack_unpack_round_trip(bits):
     codes = torch.randint(0, 2 ** bits, (1001,), generator=torch.Generator().manual_seed(bits))

@@ -24,16 +24,6 @@ EMBEDDED_FORWARD_UNITS = [  # Model.forward on configs/embedded.yaml (1 res bloc
     "up.1.attn.1", "up.1.upsample.conv", "up.0.block.0", "up.0.block.1", "conv_out"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core box OpenMP spin-waits under contention
-    made this file ~15x slower (measured 64 s vs 3.5 s); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fp():
     torch.manual_seed(0)

@@ -9,15 +9,6 @@ from mmqdiff.quant.reconstruction import (NonFiniteLossError, ReconSettings, Uni
                                           reconstruct_weights, work_items)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared 2-core machine: a second OpenMP thread mostly waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fp():
     return load_checkpoint(build_model("configs/embedded.yaml"), "checkpoints/embedded_unet.pt").eval()
