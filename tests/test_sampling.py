@@ -1,7 +1,11 @@
 """K-model switching in the sampler, and the resumable sampling predict."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import lightning as L
+import pytest
 import torch
 import yaml
 
@@ -9,7 +13,7 @@ from mmqdiff.data import segment_of_step, timestep_segments
 from mmqdiff.diffusion import ddim_sample, linear_betas, segment_switch, timesteps
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter, load_samples
 
-from .conftest import TINY
+from .conftest import ROOT, TINY
 
 
 class Recorder(torch.nn.Module):
@@ -35,7 +39,6 @@ def test_each_step_uses_the_model_of_its_segment():
 
 
 def test_switch_rejects_model_count_mismatch():
-    import pytest
     with pytest.raises(ValueError, match="2 models for 3 segments"):
         segment_switch([Recorder(), Recorder()], [0, 1, 2])
 
@@ -70,3 +73,22 @@ def test_interrupted_sampling_resumes_without_duplicates(tmp_path, tiny_model):
     # noise depends only on (seed, index); batch size 1 keeps the arithmetic identical too
     assert torch.equal(full_idx, part_idx) and torch.equal(full, part)
     assert (tmp_path / "full/grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_write_every_index_once(tmp_path, tiny_model):
+    """DDP predict on 2 CPU processes: indices split by rank, none padded, duplicated or dropped."""
+    _write_tiny(tmp_path, tiny_model)
+    _sample(tmp_path, tmp_path / "one", 5)
+    out = tmp_path / "two"
+    subprocess.run([sys.executable, str(ROOT / "cli.py"), "predict", "--config", str(ROOT / "configs/embedded/sample.yaml"),
+                    "--model.init_args.config", str(tmp_path / "tiny.yaml"),
+                    "--model.init_args.checkpoint", str(tmp_path / "tiny.pt"), "--model.init_args.num_steps", "4",
+                    "--model.init_args.real_source", "null", "--data.init_args.num_images", "5",
+                    "--data.init_args.batch_size", "1", "--data.init_args.output_dir", str(out),
+                    "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                    "--trainer.strategy", "ddp"], check=True, cwd=ROOT)
+    assert sorted(p.name for p in (out / "images").glob("*.png")) == [f"{j:06d}.png" for j in range(5)]
+    one, _ = load_samples(tmp_path / "one")
+    two, indices = load_samples(out)
+    assert indices.tolist() == list(range(5)) and torch.equal(one, two)
