@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..diffusion.unet import AttnBlock, ResnetBlock, swish
+from ..diffusion.unet import AttnBlock, ResnetBlock
 from .modules import QuantConfig, Quantized, QuantLayer, act_quantizer
 
 
@@ -33,13 +33,8 @@ class QuantResnetBlock(nn.Module):
             else:
                 self.nin_shortcut = QuantLayer(block.nin_shortcut, cfg, split)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = h + self.temb_proj(swish(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
-        if self.in_channels != self.out_channels:
-            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+    # the FP forward itself: every quantization point is the input of a QuantLayer
+    forward = ResnetBlock.forward
 
 
 class QuantAttnBlock(Quantized):
