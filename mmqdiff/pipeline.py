@@ -25,26 +25,16 @@ from .manifest import read_manifest
 from .report import write_report
 
 console = Console(width=120)
-
-
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
 
-def _cli(args: list[str]) -> None:
+def _stage(name: str, args: list[str], timings: dict[str, float]) -> None:
+    """Run one ``cli.py`` command as its own process and record its wall time under ``name``."""
+    console.rule(f"[bold]{name}")
+    start = time.perf_counter()
     subprocess.run([sys.executable, str(CLI), *args], check=True)
-
-
-def _stage(name: str, timings: dict[str, float]):
-    class _Timer:
-        def __enter__(self):
-            console.rule(f"[bold]{name}")
-            self.start = time.perf_counter()
-
-        def __exit__(self, *exc):
-            timings[name] = time.perf_counter() - self.start
-            if exc[0] is None:
-                console.print(f"[green]{name}: {timings[name]:.1f} s")
-    return _Timer()
+    timings[name] = time.perf_counter() - start
+    console.print(f"[green]{name}: {timings[name]:.1f} s")
 
 
 def generate_calibration(cfg: dict[str, Any], timings: dict[str, float]) -> None:
@@ -52,9 +42,8 @@ def generate_calibration(cfg: dict[str, Any], timings: dict[str, float]) -> None
     if Path(data["path"]).is_file():
         console.print(f"calibration data present: {data['path']}")
         return
-    with _stage("calibration data", timings):
-        _cli(["predict", "--config", data["config"], "--trainer.callbacks.init_args.path", data["path"],
-              *data.get("args", [])])
+    _stage("calibration data", ["predict", "--config", data["config"], "--trainer.callbacks.init_args.path",
+                                data["path"], *data.get("args", [])], timings)
 
 
 def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, float]) -> None:
@@ -66,8 +55,7 @@ def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, flo
             "--model.init_args.calibration", calibration_data, *run.get("args", [])]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]
-    with _stage(f"calibrate {run['name']}", timings):
-        _cli(args)
+    _stage(f"calibrate {run['name']}", args, timings)
 
 
 def sample(name: str, sampling: dict[str, Any], out_dir: Path, timings: dict[str, float],
@@ -80,8 +68,7 @@ def sample(name: str, sampling: dict[str, Any], out_dir: Path, timings: dict[str
         if fp_samples is not None:
             args += ["--model.init_args.fp_samples", str(fp_samples)]
         args += sampling.get("args", [])
-        with _stage(f"sample {name}", timings):
-            _cli(args)
+        _stage(f"sample {name}", args, timings)
     return json.loads((out_dir / "metrics.json").read_text())
 
 
@@ -133,8 +120,7 @@ def main(argv: list[str] | None = None) -> Path:
         metrics = sample(run["name"], sampling, run_out, timings, run["run_dir"], fp_dir)
         runs.append(run_entry(run["name"], metrics, read_manifest(run["run_dir"]), sampling["model_config"], run_out))
 
-    with _stage("report", timings):
-        report = write_report(runs, out / "report", console=console)
+    report = write_report(runs, out / "report", console=console)
     timings["total"] = time.perf_counter() - start
     (out / "report" / "timings.json").write_text(json.dumps(timings, indent=1))
     for stage, seconds in timings.items():

@@ -52,7 +52,7 @@ def _sample(tmp_path, out, num_images, batch_size=1):
     sampler = MultiModelSampler(str(tmp_path / "tiny.yaml"), str(tmp_path / "tiny.pt"), num_steps=4,
                                 real_source=None)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        callbacks=[SampleWriter()], use_distributed_sampler=False, default_root_dir=out)
+                        callbacks=[SampleWriter()], default_root_dir=out)
     trainer.predict(sampler, datamodule=SampleIndices(num_images, batch_size, str(out)), return_predictions=False)
 
 
