@@ -18,6 +18,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -319,10 +320,11 @@ def _fill_reference(metrics: ImageMetrics, extractor: FeatureExtractor, source: 
 def score_images(fake: Tensor, real_source: str | Path, extractor: FeatureExtractor, *, n_real: int = 10000,
                  seed: int = 0, batch_size: int = 256, kid_subset_size: int = 1000, kid_subsets: int = 100,
                  is_splits: int = 10, cache_dir: str | Path | None = "outputs/metric_cache",
-                 device: str | torch.device = "cpu", progress: bool = True) -> dict[str, float]:
+                 device: str | torch.device = "cpu", progress: bool = True, chunks: int = 1) -> dict[str, Any]:
     """FID, IS and KID of generated uint8 images [N, 3, H, W] against ``n_real`` reference images.
 
-    Returns ``fid, is_mean, is_std, kid_mean, kid_std`` plus ``kid_subset_size, n_fake, n_real``. The reference
+    Returns ``fid, is_mean, is_std, kid_mean, kid_std`` plus ``kid_subset_size, n_fake, n_real``; with
+    ``chunks > 1`` also the per-chunk scores and their spread (:func:`chunk_spread`). The reference
     side is cached in ``cache_dir`` keyed by extractor weights, source and count (``None`` disables the cache).
     Synthetic references are rendered at the generated images' resolution.
     """
@@ -334,7 +336,38 @@ def score_images(fake: Tensor, real_source: str | Path, extractor: FeatureExtrac
                     Path(cache_dir) if cache_dir is not None else None, progress)
     for batch in _batches(fake, batch_size, "generated features", progress):
         metrics.update(batch.to(device), real=False)
-    return metrics.compute(seed)
+    scores = metrics.compute(seed)
+    if chunks > 1:
+        scores.update(chunk_spread(metrics, fake, chunks, batch_size, device, seed))
+    return scores
+
+
+def chunk_spread(metrics: ImageMetrics, fake: Tensor, chunks: int, batch_size: int, device: torch.device,
+                 seed: int) -> dict[str, float | list[float]]:
+    """FID, KID and IS of ``chunks`` disjoint, equal, index-ordered parts of ``fake`` (``fid_chunks``, ...) and their
+    standard deviations (``fid_std``, ``kid_chunk_std``, ``is_chunk_std``): the spread of a score between
+    independent image sets, which a difference between runs must exceed to mean anything. Chunk j of two runs
+    sampled from the same noise holds the same noise indices, so chunks also pair runs. A chunk score is a
+    ``len/chunks``-image score: biased upwards against the all-image score (FID), but paired chunk comparisons
+    and the spread are what a sceptic asks for. Leaves ``metrics`` holding the last chunk."""
+    size = fake.shape[0] // chunks
+    if size < 2:
+        raise ValueError(f"{fake.shape[0]} images cannot be split into {chunks} chunks of at least 2")
+    per: dict[str, list[float]] = {"fid": [], "kid": [], "is": []}
+    for c in range(chunks):
+        for m in (metrics.fid, metrics.kid, metrics.inception_score):
+            m.reset()  # the reference side survives (reset_real_features=False)
+        for start in range(c * size, (c + 1) * size, batch_size):
+            metrics.update(fake[start:min(start + batch_size, (c + 1) * size)].to(device), real=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="KID subset_size clamped")
+            out = metrics.compute(seed)
+        per["fid"].append(out["fid"])
+        per["kid"].append(out["kid_mean"])
+        per["is"].append(out["is_mean"])
+    std = {k: float(torch.tensor(v, dtype=torch.float64).std()) for k, v in per.items()}
+    return {"chunks": chunks, "chunk_size": size, "fid_chunks": per["fid"], "kid_chunks": per["kid"],
+            "is_chunks": per["is"], "fid_std": std["fid"], "kid_chunk_std": std["kid"], "is_chunk_std": std["is"]}
 
 
 # ------------------------------------------------------------------------------------------------ fidelity to FP
@@ -349,10 +382,15 @@ def psnr(images_a: Tensor, images_b: Tensor) -> float:
     Per-image then mean, as paired FP-vs-quantized comparisons are usually reported; a pair of identical images
     has infinite PSNR, and so then does the mean.
     """
+    return float(psnr_per_image(images_a, images_b).mean())
+
+
+def psnr_per_image(images_a: Tensor, images_b: Tensor) -> Tensor:
+    """Per-image PSNR in dB (float64), the terms :func:`psnr` averages."""
     if images_a.shape != images_b.shape:
         raise ValueError(f"psnr needs equal shapes, got {tuple(images_a.shape)} and {tuple(images_b.shape)}")
     mse = (_unit_float(images_a) - _unit_float(images_b)).square().flatten(1).mean(dim=1)
-    return float((-10 * torch.log10(mse)).mean())
+    return -10 * torch.log10(mse)
 
 
 class StepErrorMeter(Metric):

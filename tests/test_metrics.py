@@ -219,3 +219,31 @@ def test_step_error_meter_averages_per_step():
     meter.update(2, torch.full((2, 5), 2.0), torch.zeros(2, 5))
     out = meter.compute()
     assert out[0] == pytest.approx((4 * 1 + 8 * 9) / 12) and math.isnan(out[1]) and out[2] == pytest.approx(4.0)
+
+
+def test_chunk_spread_equals_separate_scores_of_each_chunk(tmp_path):
+    torch.manual_seed(0)
+    ext = ClassifierExtractor(SmallClassifier(8, width=8, feature_dim=16))
+    fake = _noisy(to_uint8(make_synthetic_images(48, 16, seed=5)[0]), 20)
+    kw = dict(n_real=64, kid_subset_size=8, kid_subsets=5, is_splits=2, cache_dir=tmp_path, progress=False)
+    whole = score_images(fake, "synthetic", ext, chunks=3, **kw)
+    assert whole["fid"] == score_images(fake, "synthetic", ext, **kw)["fid"]  # chunking leaves the headline alone
+    assert whole["chunks"] == 3 and whole["chunk_size"] == 16
+    for c in range(3):
+        alone = score_images(fake[16 * c:16 * (c + 1)], "synthetic", ext, **kw)
+        assert whole["fid_chunks"][c] == pytest.approx(alone["fid"], rel=1e-6)
+        assert whole["kid_chunks"][c] == pytest.approx(alone["kid_mean"], rel=1e-6)
+        assert whole["is_chunks"][c] == pytest.approx(alone["is_mean"], rel=1e-6)
+    assert whole["fid_std"] == pytest.approx(float(np.std(whole["fid_chunks"], ddof=1)), rel=1e-9)
+    with pytest.raises(ValueError, match="cannot be split into 40 chunks"):
+        score_images(fake, "synthetic", ext, chunks=40, **kw)
+
+
+def test_psnr_per_image_hand_computed():
+    a = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+    b = a.clone()
+    b[0, 0, 0, 0] = 255  # mse 1/12 -> 10 log10(12)
+    b[1] = 51  # 0.2 everywhere -> mse 0.04 -> 13.9794 dB
+    per = metrics.psnr_per_image(a, b)
+    assert per.tolist() == pytest.approx([10 * math.log10(12), -10 * math.log10(0.04)], abs=1e-9)
+    assert psnr(a, b) == pytest.approx(float(per.mean()), abs=1e-12)

@@ -22,7 +22,7 @@ from ..diffusion import (IndexedNoise, betas_from_config, build_model, ddim_samp
 from ..manifest import load_segment_models, read_manifest
 from ..io import atomic_path, atomic_save, atomic_write_text, read_png_images, write_png
 from ..plots import save_sample_grid
-from ..metrics import InceptionExtractor, embedded_extractor, psnr, score_images, to_uint8
+from ..metrics import InceptionExtractor, embedded_extractor, psnr_per_image, score_images, to_uint8
 
 
 def png_path(image_dir: Path, index: int) -> Path:
@@ -36,12 +36,14 @@ class MultiModelSampler(L.LightningModule):
                  skip_type: str = "quad", eta: float = 0.0, seed: int = 1234, fp_error_images: int = 64,
                  real_source: str | None = "synthetic", feature_extractor: str | None = None,
                  inception_weights: str | None = None, num_real: int = 5000, kid_subset_size: int = 1000,
-                 fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache"):
+                 fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache", score_chunks: int = 1):
         """``real_source`` ("synthetic", a ``cifar-10-batches-py`` folder or a PNG folder; None skips scoring) is
         scored with ``feature_extractor`` (the embedded classifier) or ``inception_weights`` (a local torch-fidelity
         Inception file); ``fp_samples`` is an FP sampling run's folder for PSNR on identical noise.
         ``fp_error_images``: images with index below it also run the FP model on every x_t of their (quantized)
-        trajectory for the per-step noise-prediction error; it costs one FP forward per step for those images."""
+        trajectory for the per-step noise-prediction error; it costs one FP forward per step for those images.
+        ``score_chunks`` > 1 also scores that many disjoint index-ordered chunks (FID/KID/IS/PSNR per chunk and
+        their spread; see ``metrics.chunk_spread``)."""
         super().__init__()
         if real_source is not None and (feature_extractor is None) == (inception_weights is None):
             raise ValueError("scoring needs exactly one of feature_extractor (embedded default) or inception_weights")
@@ -107,13 +109,18 @@ class MultiModelSampler(L.LightningModule):
         extractor = (embedded_extractor(h.feature_extractor) if h.feature_extractor is not None
                      else InceptionExtractor(h.inception_weights))
         scores = score_images(images, h.real_source, extractor, n_real=h.num_real, kid_subset_size=h.kid_subset_size,
-                              cache_dir=h.metric_cache, device=self.device)
+                              cache_dir=h.metric_cache, device=self.device, chunks=h.score_chunks)
         if h.fp_samples is not None:
             fp_images, fp_indices = load_samples(h.fp_samples)
             common = sorted(set(indices.tolist()) & set(fp_indices.tolist()))
             if not common:
                 raise ValueError(f"{h.fp_samples}: no image index in common with {output_dir}")
-            scores["psnr_vs_fp"] = psnr(_rows(images, indices, common), _rows(fp_images, fp_indices, common))
+            per_image = psnr_per_image(_rows(images, indices, common), _rows(fp_images, fp_indices, common))
+            scores["psnr_vs_fp"] = float(per_image.mean())
+            if h.score_chunks > 1:
+                size = len(common) // h.score_chunks
+                chunks = [float(per_image[c * size:(c + 1) * size].mean()) for c in range(h.score_chunks)]
+                scores.update(psnr_chunks=chunks, psnr_std=float(torch.tensor(chunks, dtype=torch.float64).std()))
         return scores
 
 
