@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from mmqdiff.data import CalibrationFile, segment_of_step, timestep_segments
-from mmqdiff.diffusion import build_model, load_checkpoint
-from mmqdiff.evaluation import heldout_step_error, quarter_means
+from mmqdiff.diffusion import build_model, eps_sensitivity, linear_betas, load_checkpoint, timesteps
+from mmqdiff.evaluation import heldout_step_error, quarter_means, sample_space_error
 from mmqdiff.quant import QuantConfig, quantize_model
 from mmqdiff.quant.reconstruction import ReconSettings, calibrate_item, item_seed, work_items
 
@@ -75,6 +75,7 @@ def main() -> None:
     quant = QuantConfig(weight_bits=args.weight_bits, act_bits=8)
     overrides = parse_overrides(args.set)
     heldout = range(*args.heldout)
+    sensitivity = eps_sensitivity(timesteps(calib.num_steps, "quad"), linear_betas())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for iters in args.iters:
         settings = replace(ReconSettings(cali_iters=iters, cali_iters_a=max(1, round(iters * args.act_ratio))),
@@ -88,11 +89,12 @@ def main() -> None:
         row = {"label": args.label, "k": args.k, "cali_st": args.cali_st, "cali_n": args.cali_n,
                "weight_bits": args.weight_bits, "recon": asdict(settings), "overrides": overrides,
                "seconds": seconds, "threads": args.threads, "heldout_mse": sum(err) / len(err),
+               "heldout_x_mse": sample_space_error(err, sensitivity),
                "quarters": quarter_means(err), "per_step": err}
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         q = " ".join(f"{v:.5f}" for v in row["quarters"])
-        print(f"K={args.k} {iters}/{settings.cali_iters_a} {overrides} {seconds:.0f}s heldout {row['heldout_mse']:.5f}"
+        print(f"K={args.k} {iters}/{settings.cali_iters_a} {overrides} {seconds:.0f}s heldout {row['heldout_mse']:.5f} x-space {row['heldout_x_mse']:.6f}"
               f" quarters {q}", flush=True)
 
 

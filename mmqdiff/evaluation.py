@@ -8,12 +8,16 @@ inputs, so the number isolates per-step fidelity from error accumulation.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .data.calibration import CalibrationFile
+from .data.segments import segment_of_step
+from .diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint, timesteps
+from .manifest import load_segment_models, read_manifest
 
 
 @torch.no_grad()
@@ -40,8 +44,50 @@ def heldout_step_error(model_for_step: Callable[[int], nn.Module], fp_model: nn.
     return out
 
 
+def sample_space_error(per_step: Sequence[float], sensitivity: Sequence[float]) -> float:
+    """``sum_i sensitivity_i^2 * mse_i``: the squared deviation the per-step noise-prediction errors add to the
+    sample through the DDIM updates (``diffusion.eps_sensitivity``), to first order and ignoring how later steps
+    carry it. The mean over steps is dominated by the last, nearly clean steps, whose errors barely move the image;
+    this weighting ranks calibrations by what the sample sees."""
+    if len(per_step) != len(sensitivity):
+        raise ValueError(f"{len(per_step)} per-step errors for {len(sensitivity)} steps")
+    return float(sum(s * s * e for s, e in zip(sensitivity, per_step)))
+
+
 def quarter_means(per_step: Sequence[float]) -> list[float]:
     """Means over the four contiguous quarters of the steps (noisy to clean), the issue tracker's summary."""
     n = len(per_step)
-    edges = [round(n * q / 4) for q in range(5)]
+    edges = [n * q // 4 for q in range(5)]
     return [sum(per_step[a:b]) / max(b - a, 1) for a, b in zip(edges, edges[1:])]
+
+
+def heldout_error_of_run(run_dir: str | Path, calibration: str | Path, trajectories: Sequence[int],
+                         threads: int | None = None) -> dict[str, Any]:
+    """Held-out per-step error of a finished calibration run's K segment models (rebuilt from their packed exports,
+    as the sampler uses them) on ``trajectories`` of ``calibration``, which must all lie beyond the run's
+    ``cali_n`` (the trajectories calibration selected from)."""
+    manifest = read_manifest(run_dir)
+    cali_n = manifest["calibration"]["cali_n"]
+    if min(trajectories) < cali_n:
+        raise ValueError(f"held-out trajectories {min(trajectories)}.. overlap the first cali_n={cali_n} "
+                         f"trajectories that {run_dir} calibrated on")
+    calib = CalibrationFile(calibration)
+    if calib.num_steps != manifest["num_steps"]:
+        raise ValueError(f"{calibration}: holds {calib.num_steps} steps, {run_dir} was calibrated for "
+                         f"{manifest['num_steps']}")
+    config = manifest["fp_model"]["config_dict"]
+    fp = build_model(config)
+    load_checkpoint(fp, manifest["fp_model"]["checkpoint"]).eval()
+    segments, models = load_segment_models(run_dir, fp)
+    step_segment = segment_of_step(segments)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        per_step = heldout_step_error(lambda i: models[step_segment[i]], fp, calib, trajectories)
+    finally:
+        torch.set_num_threads(previous)
+    betas = betas_from_config(config)
+    sensitivity = eps_sensitivity(timesteps(manifest["num_steps"], manifest["skip_type"], len(betas)), betas)
+    return {"heldout_mse": sum(per_step) / len(per_step), "heldout_quarters": quarter_means(per_step),
+            "heldout_x_mse": sample_space_error(per_step, sensitivity),
+            "heldout_per_step": per_step, "heldout_trajectories": [min(trajectories), max(trajectories) + 1]}

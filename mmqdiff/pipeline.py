@@ -21,10 +21,16 @@ import yaml
 from rich.console import Console
 
 from .diffusion import build_model
+from .evaluation import heldout_error_of_run
+from .io import atomic_write_text
 from .manifest import read_manifest
 from .report import write_report
 
-console = Console(width=120)
+console = Console(width=160)
+# per-run metrics.json entries copied into report.json as they are: spreads, per-chunk scores, held-out error, speed
+PASSED_THROUGH = ("fid_std", "fid_chunks", "kid_chunks", "kid_chunk_std", "is_chunks", "is_chunk_std", "chunks",
+                  "chunk_size", "psnr_std", "psnr_chunks", "heldout_mse", "heldout_quarters", "heldout_per_step",
+                  "sampling_seconds_per_image", "runtime")
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
 
@@ -72,6 +78,19 @@ def sample(name: str, sampling: dict[str, Any], out_dir: Path, timings: dict[str
     return json.loads((out_dir / "metrics.json").read_text())
 
 
+def heldout(run: dict[str, Any], cfg: dict[str, Any], out_dir: Path, timings: dict[str, float]) -> dict[str, Any]:
+    """The run's held-out per-step error against FP (``evaluation.heldout_error_of_run``), kept in
+    ``out_dir/heldout.json`` so a rerun does not recompute it."""
+    path = out_dir / "heldout.json"
+    if not path.is_file():
+        start = time.perf_counter()
+        result = heldout_error_of_run(run["run_dir"], cfg["calibration_data"]["path"],
+                                      range(*cfg["heldout_trajectories"]))
+        atomic_write_text(path, json.dumps(result))
+        timings[f"held-out error {run['name']}"] = time.perf_counter() - start
+    return json.loads(path.read_text())
+
+
 def fp_model_bytes(model_config: str) -> int:
     """fp32 bytes of the FP parameters: what the FP row of the table stores."""
     return sum(p.numel() * p.element_size() for p in build_model(model_config).parameters())
@@ -82,16 +101,20 @@ def run_entry(name: str, metrics: dict[str, Any], manifest: dict[str, Any] | Non
     entry = {"name": name, "fid": metrics.get("fid"), "is": metrics.get("is_mean"), "is_std": metrics.get("is_std"),
              "kid": metrics.get("kid_mean"), "kid_std": metrics.get("kid_std"), "psnr_vs_fp": metrics.get("psnr_vs_fp"),
              "per_step_mse": metrics.get("per_step_mse"), "sample_grid": str(out_dir / "grid.png"),
-             "num_images": metrics.get("num_images")}
+             "num_images": metrics.get("num_images"),
+             **{k: metrics[k] for k in PASSED_THROUGH if k in metrics}}
     if manifest is None:
         entry.update(segments=None, weight_bits=None, act_bits=None, model_bytes=fp_model_bytes(model_config),
-                     calib_seconds=None, peak_mem_bytes=None)
+                     calib_seconds=None, peak_mem_bytes=None, calib_iters=None)
     else:
         segs = manifest["segments"]
+        recon = manifest["reconstruction"]
         entry.update(segments=len(segs), weight_bits=manifest["weight_bits"], act_bits=manifest["act_bits"],
                      model_bytes=sum(s["model_bytes"] for s in segs),
                      calib_seconds=manifest.get("wall_seconds", sum(s["wall_seconds"] for s in segs)),
-                     peak_mem_bytes=max(s["peak_mem_bytes"] for s in segs))
+                     peak_mem_bytes=max(s["peak_mem_bytes"] for s in segs),
+                     calib_iters=[recon["cali_iters"], recon["cali_iters_a"]],
+                     segment_steps=[s["steps"] for s in segs])
     return entry
 
 
@@ -118,6 +141,8 @@ def main(argv: list[str] | None = None) -> Path:
     for run in cfg["calibrations"]:
         run_out = out / f"samples_{Path(run['run_dir']).name}"
         metrics = sample(run["name"], sampling, run_out, timings, run["run_dir"], fp_dir)
+        if "heldout_trajectories" in cfg:
+            metrics.update(heldout(run, cfg, run_out, timings))
         runs.append(run_entry(run["name"], metrics, read_manifest(run["run_dir"]), sampling["model_config"], run_out))
 
     report = write_report(runs, out / "report", console=console)

@@ -24,7 +24,8 @@ from .plots import line_plot
 
 REQUIRED_KEYS = ("name", "segments", "weight_bits", "act_bits", "fid", "is", "kid", "psnr_vs_fp", "model_bytes",
                  "calib_seconds", "peak_mem_bytes")
-COLUMNS = ("name", "K", "W/A bits", "FID", "IS", "KID", "PSNR vs FP (dB)", "model MiB", "calib s", "peak mem MiB")
+COLUMNS = ("name", "K", "W/A bits", "calib iters", "FID", "IS", "KID", "PSNR vs FP (dB)", "held-out MSE",
+           "model MiB", "calib s", "sample s/img", "peak mem MiB")
 
 
 def _clean(value: Any) -> Any:
@@ -60,25 +61,45 @@ def _mib(v: Any) -> str:
     return "-" if v is None else f"{v / 2 ** 20:.2f}"
 
 
+def _iters(r: dict) -> str:
+    """Reconstruction iterations per unit and phase (weight/act), times K segments when K > 1: the calibration
+    compute that equal-compute comparisons hold fixed."""
+    if r.get("calib_iters") is None:
+        return "-"
+    w, a = r["calib_iters"]
+    return f"{w}/{a}" if not r["segments"] or r["segments"] == 1 else f"{r['segments']}x{w}/{a}"
+
+
 def table_rows(runs: Sequence[dict], spread: bool = True) -> list[list[str]]:
-    """Formatted cells in ``COLUMNS`` order, shared by the console table and report.md; ``spread`` adds IS and KID
-    standard deviations (``is_std``, ``kid_std``) where a run has them."""
+    """Formatted cells in ``COLUMNS`` order, shared by the console table and report.md; ``spread`` adds each
+    score's spread between disjoint image chunks (``fid_std``, ``is_chunk_std``, ``kid_chunk_std``, ``psnr_std``)
+    where a run has it."""
     rows = []
     for r in runs:
-        is_std, kid_std = (r.get("is_std"), r.get("kid_std")) if spread else (None, None)
+        sd = (lambda key: r.get(key)) if spread else (lambda key: None)
         bits = "FP" if r["weight_bits"] is None else f"W{r['weight_bits']}A{r['act_bits']}"
-        rows.append([str(r["name"]), "-" if r["segments"] is None else str(r["segments"]), bits,
-                     _num(r["fid"], ".2f"), _num(r["is"], ".2f", is_std),
-                     _num(r["kid"], ".4f", kid_std), _num(r["psnr_vs_fp"], ".2f"), _mib(r["model_bytes"]),
-                     _num(r["calib_seconds"], ".1f"), _mib(r["peak_mem_bytes"])])
+        rows.append([str(r["name"]), "-" if r["segments"] is None else str(r["segments"]), bits, _iters(r),
+                     _num(r["fid"], ".2f", sd("fid_std")), _num(r["is"], ".2f", sd("is_chunk_std")),
+                     _num(r["kid"], ".4f", sd("kid_chunk_std")), _num(r["psnr_vs_fp"], ".2f", sd("psnr_std")),
+                     _num(r.get("heldout_mse"), ".2e"), _mib(r["model_bytes"]), _num(r["calib_seconds"], ".1f"),
+                     _num(r.get("sampling_seconds_per_image"), ".3f"), _mib(r["peak_mem_bytes"])])
     return rows
 
 
 def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path | None) -> str:
     lines = ["# mmqdiff report", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "PSNR vs FP: mean over images of per-image PSNR against FP samples from identical noise. "
-              "KID and IS: mean ± std over subsets / splits. K: number of timestep-segment models."]
+    lines += ["", "FID, IS, KID and PSNR are over all images; ± is the standard deviation of the same score over "
+              "disjoint image chunks (chunk j of every run holds the same noise indices). A difference inside it is "
+              "not a difference. PSNR vs FP: mean per-image PSNR against FP samples from identical noise. Held-out "
+              "MSE: noise-prediction error against FP on calibration-file trajectories calibration never used, mean "
+              "over all steps. K: number of timestep-segment models; calib iters: reconstruction iterations per "
+              "unit (weight/act), times K."]
+    chunked = [r for r in runs if r.get("fid_chunks")]
+    if chunked:
+        lines += ["", "## Scores per chunk", "", "| name | FID per chunk | PSNR per chunk |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {', '.join(f'{v:.2f}' for v in r['fid_chunks'])} | "
+                  f"{', '.join(f'{v:.2f}' for v in r.get('psnr_chunks') or [])} |" for r in chunked]
     if plot is not None:
         lines += ["", "## Per-step noise-prediction error", "", f"![per-step MSE]({plot.name})"]
     grids = [(r["name"], r["sample_grid"]) for r in runs if r.get("sample_grid")]

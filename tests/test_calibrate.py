@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import cli
-from mmqdiff.data import record_trajectories, save_calibration, select_steps
+from mmqdiff.data import CalibrationFile, record_trajectories, save_calibration, select_steps
 from mmqdiff.diffusion import build_model, file_sha256, linear_betas, load_checkpoint, load_config, timesteps
+from mmqdiff.evaluation import heldout_error_of_run, heldout_step_error
 from mmqdiff.lightning.calibrate import SegmentCalibration
 from mmqdiff.manifest import load_segment_models, read_manifest
 from mmqdiff.quant import packed_nbytes
@@ -109,6 +110,19 @@ def test_loaded_segment_models_reproduce_the_calibrated_ones(world, finished):
         assert not q.training
         with torch.no_grad():
             assert torch.equal(q(x, t), module.nets.segments[s].eval()(x, t))
+
+
+def test_heldout_error_of_a_run_uses_its_segment_models_on_unused_trajectories(world, finished):
+    run_dir, module = finished
+    fp = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
+    out = heldout_error_of_run(run_dir, world["calibration"], range(6, 8))
+    direct = heldout_step_error(lambda i: module.nets.segments[i // 5].eval(), fp,
+                                CalibrationFile(world["calibration"]), [6, 7])
+    assert out["heldout_per_step"] == pytest.approx(direct, rel=1e-6)
+    assert out["heldout_mse"] == pytest.approx(sum(direct) / NUM_STEPS, rel=1e-6)
+    assert out["heldout_x_mse"] > 0 and len(out["heldout_quarters"]) == 4
+    with pytest.raises(ValueError, match="overlap the first cali_n=6 trajectories"):
+        heldout_error_of_run(run_dir, world["calibration"], range(5, 8))
 
 
 def test_tampered_outputs_are_refused(finished, tmp_path):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmqdiff.diffusion import (Model, build_model, ddim_sample, ddim_step, file_sha256, linear_betas, load_checkpoint,
-                               step_pairs, timesteps)
+from mmqdiff.diffusion import (Model, build_model, ddim_sample, ddim_step, eps_sensitivity, file_sha256, linear_betas,
+                               load_checkpoint, step_pairs, timesteps)
 from mmqdiff.lightning.train import export_state_dict
 
 from .conftest import ROOT, TINY
@@ -100,6 +100,17 @@ def _ddim_float64(x, eps, t, t_next, eta, noise):
     c1 = eta * np.sqrt((1 - a_t / a_n) * (1 - a_n) / (1 - a_t))
     c2 = np.sqrt(1 - a_n - c1 ** 2)
     return np.sqrt(a_n) * x0 + c1 * noise + c2 * eps
+
+
+def test_eps_sensitivity_is_the_float64_derivative_of_the_ddim_step():
+    seq = timesteps(100, "quad")
+    sens = eps_sensitivity(seq, linear_betas())
+    x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    for i, (t, t_next) in enumerate(step_pairs(seq)):
+        slope = _ddim_float64(x, x + 1, t, t_next, 0.0, x) - _ddim_float64(x, x, t, t_next, 0.0, x)  # linear in eps
+        assert sens[i] == pytest.approx(float(slope.item()), rel=1e-6, abs=1e-12)
+    assert abs(sens[0]) > 0.1 and abs(sens[-1]) < 0.02
+    assert sens[-2] == 0.0  # t == t_next (quad repeats t=0): the step is the identity, eps cancels exactly
 
 
 @pytest.mark.parametrize("t, t_next, eta", [(800, 783, 0.0), (10, 0, 0.0), (0, -1, 0.0), (500, 400, 1.0), (40, 30, 0.5)])

@@ -57,6 +57,18 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_next: int, betas: to
     return out
 
 
+def eps_sensitivity(seq: Sequence[int], betas: torch.Tensor) -> list[float]:
+    """Per step index, ``d x_next / d eps`` of the deterministic DDIM update (eta 0), in float64:
+    ``sqrt(1 - a_next) - sqrt(a_next / a_t) * sqrt(1 - a_t)``. A noise-prediction error e at step i moves the next
+    sample by this times e, so squared errors weighted by its square are the sample-space damage of each step's
+    error: large at the first (noisy) steps, near zero at the last ones."""
+    out = []
+    for t, t_next in step_pairs(seq):
+        a_t, a_next = alpha_bar(betas.double(), torch.tensor([t, t_next]))
+        out.append(float((1 - a_next).sqrt() - (a_next / a_t).sqrt() * (1 - a_t).sqrt()))
+    return out
+
+
 def step_pairs(seq: Sequence[int]) -> list[tuple[int, int]]:
     """(t, t_next) for each step index in sampling order: index 0 is the largest t."""
     seq = list(seq)
