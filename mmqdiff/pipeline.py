@@ -64,6 +64,31 @@ def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, flo
     _stage(f"calibrate {run['name']}", args, timings)
 
 
+def calibration_compute(manifest: dict[str, Any]) -> list[int]:
+    """[weight, activation] reconstruction iterations per unit summed over the run's segments: the compute that
+    equal-compute comparisons hold fixed (every unit costs the same per iteration in every segment)."""
+    iters = [seg.get("iters") or [manifest["reconstruction"]["cali_iters"], manifest["reconstruction"]["cali_iters_a"]]
+             for seg in manifest["segments"]]
+    return [sum(i[0] for i in iters), sum(i[1] for i in iters)]
+
+
+def check_equal_compute(runs: list[dict[str, Any]]) -> None:
+    """A run with ``equal_compute_to: <name>`` must have spent exactly that run's calibration iterations; a config
+    edit that breaks the pairing fails here, before any sampling."""
+    by_name = {r["name"]: r for r in runs}
+    for run in runs:
+        other = run.get("equal_compute_to")
+        if other is None:
+            continue
+        if other not in by_name:
+            raise ValueError(f"{run['name']}: equal_compute_to names {other!r}, which is not among {list(by_name)}")
+        mine, theirs = (calibration_compute(read_manifest(r["run_dir"])) for r in (run, by_name[other]))
+        if mine != theirs:
+            raise ValueError(f"{run['name']} spent {mine} (weight, act) iterations per unit, {other} {theirs}: "
+                             "they are not an equal-compute pair; fix the iterations in the main config")
+        console.print(f"{run['name']}: same calibration compute as {other} ({mine[0]}/{mine[1]} iterations per unit)")
+
+
 def sample(name: str, sampling: dict[str, Any], out_dir: Path, timings: dict[str, float],
            calibration_run: str | None = None, fp_samples: Path | None = None) -> dict[str, Any]:
     if not (out_dir / "metrics.json").is_file():
@@ -114,6 +139,7 @@ def run_entry(name: str, metrics: dict[str, Any], manifest: dict[str, Any] | Non
                      calib_seconds=manifest.get("wall_seconds", sum(s["wall_seconds"] for s in segs)),
                      peak_mem_bytes=max(s["peak_mem_bytes"] for s in segs),
                      calib_iters=[recon["cali_iters"], recon["cali_iters_a"]],
+                     calib_iters_total=calibration_compute(manifest),
                      segment_steps=[s["steps"] for s in segs])
     return entry
 
@@ -134,6 +160,8 @@ def main(argv: list[str] | None = None) -> Path:
     generate_calibration(cfg, timings)
     for run in cfg["calibrations"]:
         calibrate(run, cfg["calibration_data"]["path"], timings)
+
+    check_equal_compute(cfg["calibrations"])
 
     sampling = cfg["sampling"]
     fp_dir = out / "samples_fp"

@@ -29,20 +29,29 @@ def test_main_job_writes_report_with_fp_k1_k2(tmp_path, capsys):
              "run_dir": str(out / "calib_k1"), "args": CALIB},
             {"name": "W4A8 K=2", "config": str(ROOT / "configs/embedded/calibrate_k4.yaml"),
              "run_dir": str(out / "calib_k2"), "args": [*CALIB, "--model.init_args.k", "2"]},
+            {"name": "W4A8 K=1, K=2's compute", "config": str(ROOT / "configs/embedded/calibrate_k1.yaml"),
+             "run_dir": str(out / "calib_k1_eq"), "equal_compute_to": "W4A8 K=2",
+             "args": [*CALIB, "--model.init_args.recon.cali_iters", "4", "--model.init_args.recon.cali_iters_a", "4"]},
         ],
+        "heldout_trajectories": [4, 8],
         "sampling": {"config": str(ROOT / "configs/embedded/sample.yaml"), "model_config": "configs/embedded.yaml",
                      "num_images": 6, "args": [*STEPS, "--model.init_args.num_real", "64",
                                                "--model.init_args.kid_subset_size", "3",
+                                               "--model.init_args.score_chunks", "2",
                                                "--data.init_args.batch_size", "3"]},
     }
     (tmp_path / "main.yaml").write_text(yaml.safe_dump(cfg))
     report = pipeline.main(["--config", str(tmp_path / "main.yaml")])
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(report.resolve())
     runs = json.loads(report.read_text())["runs"]
-    assert [r["name"] for r in runs] == ["FP", "W4A8 K=1", "W4A8 K=2"]
+    assert [r["name"] for r in runs] == ["FP", "W4A8 K=1", "W4A8 K=2", "W4A8 K=1, K=2's compute"]
     for run in runs:
         assert set(REQUIRED_KEYS) <= set(run)
-    fp, k1, k2 = runs
+        assert len(run["fid_chunks"]) == 2 and run["fid_std"] >= 0
+    fp, k1, k2, k1_eq = runs
+    assert k1_eq["calib_iters_total"] == k2["calib_iters_total"] == [4, 4] and k1["calib_iters_total"] == [2, 2]
+    assert all(r["heldout_x_mse"] > 0 and len(r["heldout_per_step"]) == 6 for r in (k1, k2, k1_eq))
+    assert len(k1["psnr_chunks"]) == 2
     assert fp["segments"] is None and fp["psnr_vs_fp"] is None
     assert (k1["segments"], k2["segments"]) == (1, 2) and k1["weight_bits"] == 4 and k1["act_bits"] == 8
     assert k2["model_bytes"] == 2 * k1["model_bytes"] < fp["model_bytes"]
@@ -52,3 +61,18 @@ def test_main_job_writes_report_with_fp_k1_k2(tmp_path, capsys):
     before = (out / "samples_calib_k2/metrics.json").stat().st_mtime_ns
     pipeline.main(["--config", str(tmp_path / "main.yaml")])
     assert (out / "samples_calib_k2/metrics.json").stat().st_mtime_ns == before
+
+
+def test_equal_compute_pairs_are_checked(monkeypatch):
+    manifests = {"a": {"reconstruction": {"cali_iters": 8, "cali_iters_a": 2}, "segments": [{}] * 4},
+                 "b": {"reconstruction": {"cali_iters": 32, "cali_iters_a": 8}, "segments": [{}]},
+                 "c": {"reconstruction": {"cali_iters": 32, "cali_iters_a": 4}, "segments": [{}]}}
+    monkeypatch.setattr(pipeline, "read_manifest", lambda run_dir: manifests[run_dir])
+    runs = [{"name": "K=4", "run_dir": "a"}, {"name": "K=1 eq", "run_dir": "b", "equal_compute_to": "K=4"}]
+    pipeline.check_equal_compute(runs)
+    runs[1]["run_dir"] = "c"
+    with pytest.raises(ValueError, match=r"K=1 eq spent \[32, 4\] .* K=4 \[32, 8\]"):
+        pipeline.check_equal_compute(runs)
+    runs[1]["equal_compute_to"] = "K=8"
+    with pytest.raises(ValueError, match="'K=8', which is not among"):
+        pipeline.check_equal_compute(runs)

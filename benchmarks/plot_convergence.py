@@ -1,0 +1,62 @@
+"""Plot and tabulate bench_convergence.py results: held-out error against FP versus reconstruction iterations.
+
+    .venv/bin/python benchmarks/plot_convergence.py outputs/convergence/runs.jsonl --out docs/convergence.png
+
+One line per (label, K); x: weight iterations per unit (activation iterations in each row's ratio), y: held-out
+sample-space error (left) and the plain mean over steps (right). Prints a markdown table of every row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, default=Path("docs/convergence.png"))
+    ap.add_argument("--labels", nargs="*", help="only these labels")
+    args = ap.parse_args()
+    rows = [json.loads(line) for path in args.runs for line in path.read_text().splitlines() if line.strip()]
+    if args.labels:
+        rows = [r for r in rows if r["label"] in args.labels]
+    series = defaultdict(list)
+    for r in rows:
+        series[(r["label"], r["k"])].append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (label, k), rs in sorted(series.items()):
+        rs.sort(key=lambda r: r["recon"]["cali_iters"])
+        x = [r["recon"]["cali_iters"] for r in rs]
+        name = f"K={k} {label} (lr_w {rs[0]['recon']['lr_w']:g})"
+        axes[0].plot(x, [r["heldout_x_mse"] for r in rs], marker="o", label=name)
+        axes[1].plot(x, [r["heldout_mse"] for r in rs], marker="o", label=name)
+    for ax, title in zip(axes, ("held-out sample-space error", "held-out noise-prediction MSE (mean over steps)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("weight iterations per unit and segment")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print("| K | schedule | lr_w | iters (w/a) | cali_st x cali_n | held-out x-space | held-out MSE | quarters "
+          "(noisy..clean) | calib s | threads |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["k"], r["label"], r["recon"]["cali_iters"])):
+        q = " / ".join(f"{v:.4f}" for v in r["quarters"])
+        print(f"| {r['k']} | {r['label']} | {r['recon']['lr_w']:g} | {r['recon']['cali_iters']}/"
+              f"{r['recon']['cali_iters_a']} | {r['cali_st']}x{r['cali_n']} | {r['heldout_x_mse']:.2e} | "
+              f"{r['heldout_mse']:.4f} | {q} | {r['seconds']:.0f} | {r['threads']} |")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
