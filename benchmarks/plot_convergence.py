@@ -17,6 +17,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mmqdiff.diffusion import eps_sensitivity, linear_betas, timesteps  # noqa: E402
+from mmqdiff.evaluation import sample_space_error  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,6 +28,9 @@ def main() -> None:
     ap.add_argument("--labels", nargs="*", help="only these labels")
     args = ap.parse_args()
     rows = [json.loads(line) for path in args.runs for line in path.read_text().splitlines() if line.strip()]
+    sensitivity = eps_sensitivity(timesteps(100, "quad"), linear_betas())
+    for r in rows:  # rows written before the sample-space error existed
+        r.setdefault("heldout_x_mse", sample_space_error(r["per_step"], sensitivity))
     if args.labels:
         rows = [r for r in rows if r["label"] in args.labels]
     series = defaultdict(list)
