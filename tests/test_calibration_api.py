@@ -10,7 +10,10 @@ import torch
 
 from mmqdiff.quant import (QuantConfig, ReconSettings, ResumePoint, act_quantizers, calibrate, init_activation_ranges,
                            quant_state_dict, quantize_model)
+from mmqdiff.diffusion import Model
 from mmqdiff.quant.model import registration_units
+
+from .conftest import TINY
 
 SETTINGS = ReconSettings(cali_iters=3, cali_iters_a=2, batch_size=4, act_init_samples=8)
 
@@ -26,11 +29,20 @@ def same_state(a, b) -> bool:
                                         for k, v in a.items())
 
 
-def test_calibrate_returns_a_calibrated_model_and_leaves_the_fp_model(tiny_model):
-    xs, ts = pairs()
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+@pytest.fixture(scope="module")
+def calibrated():
+    """An uninterrupted calibration (seed 5) of the tiny model, the items its callback saw, and the FP weights."""
+    torch.manual_seed(0)
+    fp = Model(**TINY).eval()
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
     seen = []
-    q = calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=5, callback=seen.append)
+    q = calibrate(fp, QuantConfig(), *pairs(), SETTINGS, seed=5, callback=seen.append)
+    return fp, before, q, seen
+
+
+def test_calibrate_returns_a_calibrated_model_and_leaves_the_fp_model(calibrated):
+    tiny_model, before, q, seen = calibrated
+    xs, ts = pairs()
     assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
     n = len(registration_units(tiny_model))
     assert [(d.item, d.phase) for d in seen] == [(i, "weight" if i < n else "act") for i in range(2 * n)]
@@ -43,13 +55,12 @@ def test_calibrate_returns_a_calibrated_model_and_leaves_the_fp_model(tiny_model
     with torch.no_grad():
         out = q(xs[:2], ts[:2])
     assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
-    assert same_state(q, calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=5))  # deterministic
     assert not same_state(q, calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=5, segment=1))
 
 
-def test_stopped_calibration_resumes_bit_identical(tiny_model):
+def test_stopped_calibration_resumes_bit_identical(calibrated):
+    tiny_model, _, full, _ = calibrated
     xs, ts = pairs()
-    full = calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=7)
     saved = io.BytesIO()
 
     class Stop(Exception):
@@ -61,12 +72,12 @@ def test_stopped_calibration_resumes_bit_identical(tiny_model):
             raise Stop
 
     with pytest.raises(Stop):
-        calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=7, callback=checkpoint_then_stop)
+        calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=5, callback=checkpoint_then_stop)
     saved.seek(0)
     point = ResumePoint(**torch.load(saved, weights_only=True))
     assert point.next_item == 5
     done = []
-    resumed = calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=7, resume=point, callback=done.append)
+    resumed = calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=5, resume=point, callback=done.append)
     assert done[0].item == 5 and same_state(resumed, full)
 
 
