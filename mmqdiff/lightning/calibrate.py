@@ -33,7 +33,7 @@ from ..quant import (QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator,
                      quant_state_dict)
 from ..quant.reconstruction import ReconSettings, work_items
 from .calib_data import CalibrationDataModule, Pairs
-from .strategy import SegmentParallelStrategy, gather_to_zero, segments_of_rank
+from .strategy import SegmentParallelStrategy, gather_to_zero
 from ..io import atomic_save
 
 CKPT_KEY = "mmqdiff_calibration"
