@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+import mmqdiff.lightning  # noqa: F401  (keeps Lightning's promotional tips out of the output)
+
 
 def main(args: list[str] | None = None) -> LightningCLI:
     return LightningCLI(subclass_mode_model=True, subclass_mode_data=True, args=args,

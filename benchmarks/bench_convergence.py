@@ -21,8 +21,8 @@ import torch
 from mmqdiff.data import CalibrationFile, segment_of_step, timestep_segments
 from mmqdiff.diffusion import build_model, eps_sensitivity, linear_betas, load_checkpoint, timesteps
 from mmqdiff.evaluation import heldout_step_error, quarter_means, sample_space_error
-from mmqdiff.quant import QuantConfig, quantize_model
-from mmqdiff.quant.reconstruction import ReconSettings, calibrate_item, item_seed, work_items
+from mmqdiff.quant import QuantConfig, calibrate
+from mmqdiff.quant.reconstruction import ReconSettings
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -43,10 +43,7 @@ def calibrate_segments(fp, calib: CalibrationFile, k: int, cali_st: int, cali_n:
     models = []
     for s, steps in enumerate(segments):
         xs, ts = calib.select(cali_st, cali_n, steps)
-        q = quantize_model(fp, quant).eval()
-        for unit, phase in work_items(len(q.units()), quant.quant_act):
-            calibrate_item(q, fp, xs, ts, unit, phase, settings, item_seed(seed, s, unit, phase))
-        q.set_quant_state(True, quant.quant_act)
+        q = calibrate(fp, quant, xs, ts, settings, seed=seed, segment=s)
         q.freeze()
         models.append(q)
     return models, segments

@@ -58,7 +58,7 @@ def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, flo
         console.print(f"{run['name']}: calibration present in {run_dir}")
         return
     args = ["fit", "--config", run["config"], "--trainer.default_root_dir", str(run_dir),
-            "--model.init_args.calibration", calibration_data, *run.get("args", [])]
+            "--data.init_args.path", calibration_data, *run.get("args", [])]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]
     _stage(f"calibrate {run['name']}", args, timings)

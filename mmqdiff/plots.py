@@ -1,101 +1,103 @@
-"""PNG figures without matplotlib (not a dependency): a PIL line plot and torchvision sample grids."""
+"""Report figures: matplotlib for the per-step error curves and the FID / PSNR bars, torchvision for sample grids.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and rendered by Agg, without pyplot: no display, no
+global backend state, safe in worker processes. Every PNG is written atomically.
+"""
 from __future__ import annotations
 
 import math
-from .io import atomic_path
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.figure import Figure
+from PIL import Image
 from torchvision.utils import make_grid
+
+from .io import atomic_path
 
 # Okabe-Ito palette: distinguishable for colour-blind readers; cycles after eight series
 COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+DPI = 100
 
 
-def _save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write to a temporary file beside ``path`` and rename, so a reader never sees half a PNG."""
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` to a PNG of exactly its size in pixels (figsize x DPI), atomically."""
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        fig.savefig(tmp, format="png", dpi=DPI)
     return Path(path)
 
 
-def _nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
-    """Round tick values (1, 2 or 5 times a power of ten) covering [lo, hi]."""
-    if hi <= lo:
-        hi = lo + 1
-    raw = (hi - lo) / target
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
+def _number(v: Any) -> float:
+    return math.nan if v is None or not math.isfinite(v) else float(v)
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if v != 0 else "0"
+def run_colors(names: Sequence[str]) -> dict[str, str]:
+    """One palette colour per run name, by position, so a run has the same colour in every figure."""
+    return {name: COLORS[k % len(COLORS)] for k, name in enumerate(names)}
 
 
-def line_plot(series: Mapping[str, Sequence[float]], path: str | Path, *, title: str = "", xlabel: str = "",
-              ylabel: str = "", log_y: bool = False, size: tuple[int, int] = (800, 480)) -> Path:
-    """One line per named series against its index (0, 1, ...), with axes, ticks and a legend.
+def per_step_error_figure(curves: Mapping[str, Sequence[float | None]],
+                          segment_steps: Mapping[str, Sequence[Sequence[int]]] | None = None, *,
+                          colors: Mapping[str, str] | None = None, size: tuple[int, int] = (800, 480)) -> Figure:
+    """One line per run of its noise-prediction error at each sampling step (log scale), with each multi-segment
+    run's segment boundaries (``segment_steps``: [start, stop) step ranges) as dotted lines of its colour between the
+    last step of one segment and the first of the next. Missing and non-positive values leave gaps."""
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    colors = colors or run_colors(list(curves))
+    for name, values in curves.items():
+        color = colors[name]
+        ax.plot(range(len(values)), [_number(v) for v in values], color=color, linewidth=1.5, label=name)
+        ranges = (segment_steps or {}).get(name) or []
+        for j, (start, _) in enumerate(ranges[1:]):
+            ax.axvline(start - 0.5, color=color, linestyle=":", linewidth=1.2,
+                       label=f"{name}: segment boundaries" if j == 0 else None)
+    ax.set_yscale("log", nonpositive="mask")
+    ax.set_xlabel("sampling step (0 = noisiest)")
+    ax.set_ylabel("noise-prediction MSE vs FP")
+    ax.set_title("Per-step error against the FP model from identical inputs")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
 
-    Non-finite values (and non-positive ones on a log axis) leave a gap instead of failing.
-    """
-    def ok(v: float) -> bool:
-        return math.isfinite(v) and (v > 0 or not log_y)
 
-    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
-    ys = [fy(v) for s in series.values() for v in s if ok(v)]
-    n = max((len(s) for s in series.values()), default=1)
-    y_lo, y_hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
-    if log_y:
-        y_ticks = list(range(math.floor(y_lo), math.ceil(y_hi) + 1)) if ys else [0, 1]
-    else:
-        y_ticks = _nice_ticks(y_lo, y_hi)
-    y_lo, y_hi = min(y_lo, y_ticks[0]), max(y_hi, y_ticks[-1])
-    x_ticks = [t for t in _nice_ticks(0, max(n - 1, 1)) if t <= max(n - 1, 1)]
-    x_hi = max(n - 1, 1)
+def per_step_error_plot(curves: Mapping[str, Sequence[float | None]], path: str | Path,
+                        segment_steps: Mapping[str, Sequence[Sequence[int]]] | None = None,
+                        colors: Mapping[str, str] | None = None) -> Path:
+    """:func:`per_step_error_figure` as a PNG (800 x 480)."""
+    return save_figure(per_step_error_figure(curves, segment_steps, colors=colors), path)
 
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    left, right, top, bottom = 70, w - 190, 36, h - 50
 
-    def px(i: float, y: float) -> tuple[float, float]:
-        return (left + (right - left) * i / x_hi, bottom - (bottom - top) * (y - y_lo) / (y_hi - y_lo or 1))
+def metric_bars_figure(runs: Sequence[Mapping[str, Any]], *, colors: Mapping[str, str] | None = None,
+                       size: tuple[int, int] = (960, 420)) -> Figure:
+    """FID and PSNR vs FP per run as bars side by side, with ± ``fid_std`` / ``psnr_std`` error bars where a run
+    has them; a run without a value (FP's PSNR against itself) gets no bar."""
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    names = [str(r["name"]) for r in runs]
+    colors = [(colors or run_colors(names))[name] for name in names]
+    for i, (key, spread, label) in enumerate((("fid", "fid_std", "FID (lower is better)"),
+                                              ("psnr_vs_fp", "psnr_std", "PSNR vs FP, dB (higher is better)"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        values = [_number(r.get(key)) for r in runs]
+        errors = [_number(r.get(spread)) for r in runs]
+        ax.bar(range(len(runs)), values, color=colors,
+               yerr=None if all(math.isnan(e) for e in errors) else errors, capsize=4)
+        ax.set_xlim(-0.6, len(runs) - 0.4)  # keeps the slot of a run without a bar
+        for x, (v, e) in enumerate(zip(values, errors)):
+            top = 0.0 if math.isnan(v) else v + (0.0 if math.isnan(e) else e)
+            ax.annotate("n/a" if math.isnan(v) else f"{v:.2f}", (x, top), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize="small")
+        ax.set_xticks(range(len(runs)), names, rotation=15, ha="right", fontsize="small")
+        ax.set_title(label)
+        ax.grid(True, axis="y", alpha=0.3)
+    return fig
 
-    for t in y_ticks:
-        _, yy = px(0, t)
-        draw.line([(left, yy), (right, yy)], fill="#e6e6e6")
-        label = f"1e{t}" if log_y else _fmt(t)
-        draw.text((left - 6, yy), label, fill="black", font=font, anchor="rm")
-    for t in x_ticks:
-        xx, _ = px(t, y_lo)
-        draw.line([(xx, bottom), (xx, bottom + 4)], fill="black")
-        draw.text((xx, bottom + 6), _fmt(t), fill="black", font=font, anchor="ma")
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text(((left + right) / 2, 8), title, fill="black", font=font, anchor="ma")
-    draw.text(((left + right) / 2, h - 18), xlabel, fill="black", font=font, anchor="ma")
-    draw.text((8, top - 24), ylabel + (" (log scale)" if log_y else ""), fill="black", font=font)
 
-    for k, (name, values) in enumerate(series.items()):
-        color = COLORS[k % len(COLORS)]
-        run: list[tuple[float, float]] = []
-        for i, v in enumerate(list(values) + [math.nan]):  # trailing NaN flushes the last segment
-            if ok(v):
-                run.append(px(i, fy(v)))
-                continue
-            if len(run) > 1:
-                draw.line(run, fill=color, width=2)
-            elif run:
-                draw.ellipse([run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2], fill=color)
-            run = []
-        ly = top + 10 + 18 * k
-        draw.line([(right + 14, ly), (right + 38, ly)], fill=color, width=3)
-        draw.text((right + 44, ly), str(name), fill="black", font=font, anchor="lm")
-    return _save_png(img, path)
+def metric_bars_plot(runs: Sequence[Mapping[str, Any]], path: str | Path,
+                     colors: Mapping[str, str] | None = None) -> Path:
+    """:func:`metric_bars_figure` as a PNG (960 x 420)."""
+    return save_figure(metric_bars_figure(runs, colors=colors), path)
 
 
 def save_sample_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -104,4 +106,6 @@ def save_sample_grid(images: torch.Tensor, path: str | Path, nrow: int | None = 
     nrow = nrow or max(1, math.ceil(math.sqrt(x.shape[0])))
     grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
     array = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return _save_png(Image.fromarray(array), path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return Path(path)

@@ -5,7 +5,7 @@ report.json is ``{"runs": [{"name", "segments", "weight_bits", "act_bits", "fid"
 ``weight_bits`` and ``act_bits`` are null (not quantized: no segment models, float32 weights and activations) and
 ``psnr_vs_fp`` is null (PSNR of FP against itself is infinite). More generally every non-finite number is written
 as null, since JSON has no inf/NaN. Extra per-run keys (``is_std``, ``kid_std``,
-``per_step_mse``, ``sample_grid``, ...) pass through unchanged.
+``per_step_mse``, ``segment_steps``, ``sample_grid``, ...) pass through unchanged.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .io import atomic_write_text
-from .plots import line_plot
+from .plots import metric_bars_plot, per_step_error_plot, run_colors
 
 REQUIRED_KEYS = ("name", "segments", "weight_bits", "act_bits", "fid", "is", "kid", "psnr_vs_fp", "model_bytes",
                  "calib_seconds", "peak_mem_bytes")
@@ -86,7 +86,7 @@ def table_rows(runs: Sequence[dict], spread: bool = True) -> list[list[str]]:
     return rows
 
 
-def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path | None) -> str:
+def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path | None, bars: Path) -> str:
     lines = ["# mmqdiff report", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "FID, IS, KID and PSNR are over all images; ± is the standard deviation of the same score over "
@@ -100,6 +100,7 @@ def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path
         lines += ["", "## Scores per chunk", "", "| name | FID per chunk | PSNR per chunk |", "|---|---|---|"]
         lines += [f"| {r['name']} | {', '.join(f'{v:.2f}' for v in r['fid_chunks'])} | "
                   f"{', '.join(f'{v:.2f}' for v in r.get('psnr_chunks') or [])} |" for r in chunked]
+    lines += ["", "## FID and PSNR vs FP", "", f"![FID and PSNR per run]({bars.name})"]
     if plot is not None:
         lines += ["", "## Per-step noise-prediction error", "", f"![per-step MSE]({plot.name})"]
     grids = [(r["name"], r["sample_grid"]) for r in runs if r.get("sample_grid")]
@@ -113,8 +114,9 @@ def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path
 
 
 def write_report(runs: Sequence[dict], out_dir: str | Path, console: Console | None = None) -> Path:
-    """Print the table and write report.json, report.md and (if any run has ``per_step_mse``) per_step_mse.png
-    into ``out_dir``, each atomically. Returns the path of report.json."""
+    """Print the table and write report.json, report.md, metrics.png (FID / PSNR bars, ± ``fid_std`` /
+    ``psnr_std``) and (if any run has ``per_step_mse``) per_step_mse.png (segment boundaries from
+    ``segment_steps``) into ``out_dir``, each atomically. Returns the path of report.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = normalize_runs(runs)
@@ -131,11 +133,12 @@ def write_report(runs: Sequence[dict], out_dir: str | Path, console: Console | N
             console.width = 120
     console.print(table)
 
-    curves = {r["name"]: [math.nan if v is None else v for v in r["per_step_mse"]]
-              for r in runs if r.get("per_step_mse")}
-    plot = line_plot(curves, out_dir / "per_step_mse.png", title="Noise-prediction MSE vs FP per sampling step",
-                     xlabel="step index (0 = noisiest)", ylabel="MSE", log_y=True) if curves else None
-    atomic_write_text(out_dir / "report.md", _markdown(runs, rows, out_dir, plot))
+    curves = {r["name"]: r["per_step_mse"] for r in runs if r.get("per_step_mse")}
+    segments = {r["name"]: r["segment_steps"] for r in runs if r.get("segment_steps")}
+    colors = run_colors([r["name"] for r in runs])
+    plot = per_step_error_plot(curves, out_dir / "per_step_mse.png", segments, colors) if curves else None
+    bars = metric_bars_plot(runs, out_dir / "metrics.png", colors)
+    atomic_write_text(out_dir / "report.md", _markdown(runs, rows, out_dir, plot, bars))
     path = out_dir / "report.json"
     atomic_write_text(path, json.dumps({"runs": runs}, indent=2, allow_nan=False) + "\n")
     return path

@@ -9,6 +9,6 @@ fi
 stamp=.venv/.mmqdiff-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e '.[dev,diffusers]'  # the extra: so the conversion tests run
   touch "$stamp"
 fi

@@ -1,6 +1,7 @@
 """SegmentCalibration end to end through the CLI on the embedded model (23 units) with a small calibration file of its
-own trajectories: outputs and manifest, bad inputs, and (slow) kill/resume bit-identity and 2-process parallel ==
-sequential."""
+own trajectories: outputs and manifest, logs, equality with ``mmqdiff.quant.calibrate``, bad inputs, and (slow)
+kill/resume bit-identity and 2-process parallel == sequential."""
+import csv
 import os
 import shutil
 import signal
@@ -13,12 +14,12 @@ import pytest
 import torch
 
 import cli
-from mmqdiff.data import CalibrationFile, record_trajectories, save_calibration, select_steps
+from mmqdiff.data import CalibrationFile, load_calibration, record_trajectories, save_calibration, select_steps
 from mmqdiff.diffusion import build_model, file_sha256, linear_betas, load_checkpoint, load_config, timesteps
 from mmqdiff.evaluation import heldout_error_of_run, heldout_step_error
 from mmqdiff.lightning.calibrate import SegmentCalibration
 from mmqdiff.manifest import load_segment_models, read_manifest
-from mmqdiff.quant import packed_nbytes
+from mmqdiff.quant import QuantConfig, ReconSettings, calibrate, packed_nbytes, quant_state_dict
 from mmqdiff.quant.reconstruction import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +48,9 @@ def args(world, run_dir, k=2, iters=4, iters_a=3, calibration=None, extra=()):
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
             "--model.init_args.model_config", str(world["config"]),
             "--model.init_args.checkpoint", str(world["checkpoint"]),
-            "--model.init_args.calibration", str(calibration or world["calibration"]),
-            "--model.init_args.num_steps", str(NUM_STEPS), "--model.init_args.k", str(k),
-            "--model.init_args.cali_st", "2", "--model.init_args.cali_n", "6",
+            "--data.init_args.path", str(calibration or world["calibration"]),
+            "--data.init_args.num_steps", str(NUM_STEPS), "--data.init_args.k", str(k),
+            "--data.init_args.cali_st", "2", "--data.init_args.cali_n", "6",
             "--model.init_args.recon.cali_iters", str(iters), "--model.init_args.recon.cali_iters_a", str(iters_a),
             *extra]
 
@@ -98,7 +99,34 @@ def test_manifest_describes_the_run(world, finished):
         assert seg["model_bytes"] == packed_nbytes(torch.load(run_dir / seg["packed"], weights_only=True))
         assert [(u["unit"], u["phase"]) for u in seg["units"]] == \
             [(n, p) for p in ("weight", "act") for n in m["units"]]
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "lightning_logs" / "version_0" / "config.yaml").is_file()  # beside the logs of its session
+
+
+def test_losses_are_logged_per_item_and_segment(finished):
+    """The default logger (CSV without TensorBoard) holds, at step = work item, each segment's first and last
+    reconstruction loss (the manifest's values) and the weight phase's rounding loss."""
+    run_dir, module = finished
+    with open(run_dir / "lightning_logs" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(2 * UNITS))
+    for seg in read_manifest(run_dir)["segments"]:
+        prefix = f"segment_{seg['index']:02d}/"
+        for row, unit in zip(rows, seg["units"]):
+            phase = unit["phase"]
+            assert float(row[f"{prefix}{phase}_loss_start"]) == pytest.approx(unit["rec_first"], rel=1e-6)
+            assert float(row[f"{prefix}{phase}_loss_end"]) == pytest.approx(unit["rec_last"], rel=1e-6)
+            assert (row[f"{prefix}round_loss"] != "") == (phase == "weight")
+        assert all(float(r[f"{prefix}round_loss"]) > 0 for r in rows[:UNITS])
+
+
+def test_python_api_reproduces_a_segment_of_the_run(world, finished):
+    """``mmqdiff.quant.calibrate`` with the run's seed and segment index gives that segment's model bit for bit."""
+    _, module = finished
+    model = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
+    xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(5, 10))
+    q = calibrate(model, QuantConfig(), xs, ts, ReconSettings(cali_iters=4, cali_iters_a=3), seed=1234, segment=1)
+    assert tensors_equal(quant_state_dict(q), quant_state_dict(module.nets.segments[1].qmodel))
 
 
 def test_loaded_segment_models_reproduce_the_calibrated_ones(world, finished):
@@ -109,14 +137,14 @@ def test_loaded_segment_models_reproduce_the_calibrated_ones(world, finished):
     for s, q in enumerate(models):
         assert not q.training
         with torch.no_grad():
-            assert torch.equal(q(x, t), module.nets.segments[s].eval()(x, t))
+            assert torch.equal(q(x, t), module.nets.segments[s].qmodel.eval()(x, t))
 
 
 def test_heldout_error_of_a_run_uses_its_segment_models_on_unused_trajectories(world, finished):
     run_dir, module = finished
     fp = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
     out = heldout_error_of_run(run_dir, world["calibration"], range(6, 8))
-    direct = heldout_step_error(lambda i: module.nets.segments[i // 5].eval(), fp,
+    direct = heldout_step_error(lambda i: module.nets.segments[i // 5].qmodel.eval(), fp,
                                 CalibrationFile(world["calibration"]), [6, 7])
     assert out["heldout_per_step"] == pytest.approx(direct, rel=1e-6)
     assert out["heldout_mse"] == pytest.approx(sum(direct) / NUM_STEPS, rel=1e-6)
@@ -160,6 +188,11 @@ def test_calibration_file_for_another_model_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match="calibration data were made for another setup .*model_sha256"):
         fit(world, tmp_path / "run", calibration=other)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_run_without_unit_checkpoint_is_refused(world, tmp_path):
+    with pytest.raises(ValueError, match="trainer.callbacks must include .*UnitCheckpoint"):
+        fit(world, tmp_path / "run", extra=["--trainer.callbacks", "[]"])
 
 
 def test_segment_without_steps_is_refused(world, tmp_path):

@@ -162,19 +162,38 @@ def test_save_and_meta_roundtrip(tmp_path):
 def test_datamodule_serves_segment(tmp_path, capsys):
     xs, ts = encoded(100)
     path = save_calibration(tmp_path / "c.pt", xs, ts, {"model_sha256": "abc", "num_steps": 100, "skip_type": "quad"})
-    dm = CalibrationDataModule(str(path), num_steps=100, k=4, segment=1, cali_st=5, cali_n=3, batch_size=4, seed=7,
-                               model_sha256="abc", skip_type="quad")
+    dm = CalibrationDataModule(str(path), num_steps=100, k=4, segment=1, cali_st=5, cali_n=3, model_sha256="abc",
+                               skip_type="quad")
     dm.setup("fit")
     assert "calibration data" in capsys.readouterr().out
     x, t = dm.pairs(1)
     assert torch.equal(x, load_calibration(path, 5, 3, steps=range(25, 50))[0])
-    assert len(dm.dataset) == 15
+    assert list(dm.selected) == [1] and torch.equal(dm.selected[1][0], x) and torch.equal(dm.selected[1][1], t)
     assert dm.summary == [{"segment": 1, "steps": (25, 49), "selected_steps": 5, "t_range": (975, 955), "pairs": 15}]
-    order = [torch.cat([b[1] for b in dm.train_dataloader()]) for _ in range(2)]
-    assert torch.equal(order[0], order[1]) and not torch.equal(order[0], t)
+    # one element per training step, each the segment's whole pair set, for as long as the module asks
+    stream = iter(dm.train_dataloader())
+    for _ in range(3):
+        batch = next(stream)
+        assert list(batch) == [1] and all(a is b for a, b in zip(batch[1], dm.selected[1]))  # no copies
+    assert dm.sha256 == file_sha256(path) and dm.meta == {"model_sha256": "abc", "num_steps": 100,
+                                                          "skip_type": "quad"}
     both = CalibrationDataModule(str(path), num_steps=100, k=4, segment=[0, 3], cali_st=5, cali_n=3)
     both.setup()
-    assert len(both.dataset) == 30 and [r["segment"] for r in both.summary] == [0, 3]
+    assert list(both.selected) == [0, 3] and [r["segment"] for r in both.summary] == [0, 3]
+    every = CalibrationDataModule(str(path), num_steps=100, k=4, cali_st=5, cali_n=3)  # no trainer: all segments
+    every.setup()
+    assert list(every.selected) == [0, 1, 2, 3]
+
+
+def test_datamodule_checks_the_model(tmp_path):
+    xs, ts = encoded(10)
+    path = save_calibration(tmp_path / "c.pt", xs, ts, {"model_sha256": "abc", "num_steps": 10})
+    dm = CalibrationDataModule(str(path), num_steps=10, cali_st=5, cali_n=2)
+    dm.check_model(list(IMG), "abc")
+    with pytest.raises(ValueError, match=r"images are \(3, 2, 2\) \(C, H, W\) but the model expects \(3, 16, 16\)"):
+        dm.check_model([3, 16, 16])
+    with pytest.raises(ValueError, match="made for another setup .*model_sha256: file has 'abc', expected 'def'"):
+        dm.check_model(model_sha256="def")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -12,7 +12,7 @@ from mmqdiff.report import REQUIRED_KEYS
 from .conftest import ROOT
 
 STEPS = ["--model.init_args.num_steps", "6"]
-CALIB = [*STEPS, "--model.init_args.cali_st", "2", "--model.init_args.cali_n", "4",
+CALIB = ["--data.init_args.num_steps", "6", "--data.init_args.cali_st", "2", "--data.init_args.cali_n", "4",
          "--model.init_args.recon.cali_iters", "2", "--model.init_args.recon.cali_iters_a", "2",
          "--trainer.devices", "1", "--trainer.strategy", "auto"]
 
@@ -28,7 +28,7 @@ def test_main_job_writes_report_with_fp_k1_k2(tmp_path, capsys):
             {"name": "W4A8 K=1", "config": str(ROOT / "configs/embedded/calibrate_k1.yaml"),
              "run_dir": str(out / "calib_k1"), "args": CALIB},
             {"name": "W4A8 K=2", "config": str(ROOT / "configs/embedded/calibrate_k4.yaml"),
-             "run_dir": str(out / "calib_k2"), "args": [*CALIB, "--model.init_args.k", "2"]},
+             "run_dir": str(out / "calib_k2"), "args": [*CALIB, "--data.init_args.k", "2"]},
             {"name": "W4A8 K=1, K=2's compute", "config": str(ROOT / "configs/embedded/calibrate_k1.yaml"),
              "run_dir": str(out / "calib_k1_eq"), "equal_compute_to": "W4A8 K=2",
              "args": [*CALIB, "--model.init_args.recon.cali_iters", "4", "--model.init_args.recon.cali_iters_a", "4"]},

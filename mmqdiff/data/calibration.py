@@ -79,9 +79,8 @@ class CalibrationFile:
         if x_shape[0] != t_shape[0]:
             raise ValueError(f"{self.path}: 'xs' holds {x_shape[0]} trajectories per step but 'ts' {t_shape[0]}")
         self.num_trajectories, self.image_shape = x_shape[0], x_shape[1:]
-        if image_shape is not None and tuple(image_shape) != self.image_shape:
-            raise ValueError(f"{self.path}: images are {self.image_shape} (C, H, W) but the model expects "
-                             f"{tuple(image_shape)}")
+        if image_shape is not None:
+            self.check_image_shape(image_shape)
         meta = obj.get("meta")
         if meta is not None and not isinstance(meta, Mapping):
             raise ValueError(f"{self.path}: 'meta' must be a mapping, got {type(meta).__name__}")
@@ -106,6 +105,12 @@ class CalibrationFile:
                 raise ValueError(f"{self.path}: non-finite values in '{name}' at step(s) "
                                  f"{[chosen[j] for j in (~finite).nonzero().flatten().tolist()][:5]}")
         return xs, ts
+
+    def check_image_shape(self, image_shape: Sequence[int]) -> None:
+        """Raise if the file's images are not ``image_shape`` (C, H, W)."""
+        if tuple(image_shape) != self.image_shape:
+            raise ValueError(f"{self.path}: images are {self.image_shape} (C, H, W) but the model expects "
+                             f"{tuple(image_shape)}")
 
     def check_meta(self, **expected: Any) -> None:
         """Raise if the file's meta disagrees with any given (non-None) expectation; files without meta pass."""

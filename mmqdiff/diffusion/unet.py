@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from .convert import diffusers_to_ddim_state_dict, is_diffusers_state_dict
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -256,17 +258,44 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
                      "an ermongroup checkpoint list, or a Lightning checkpoint with 'state_dict'")
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise ImportError(f"{path}: reading .safetensors files needs the safetensors package: "
+                          "pip install 'mmqdiff[diffusers]' (or pip install safetensors)") from e
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:  # truncated or not a safetensors file
+        raise ValueError(f"{path}: cannot be read as a safetensors file ({type(e).__name__}: {e})") from e
+
+
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Strictly load weights from a local file; errors name the file and the first offending keys."""
+    """Strictly load weights from a local file; errors name the file and the first offending keys.
+
+    Formats: a torch file (read weights-only: a plain state_dict, ermongroup's checkpoint list, a Lightning
+    checkpoint) or ``.safetensors``; either in the ddim layout or in diffusers ``UNet2DModel`` layout (e.g.
+    ``google/ddpm-cifar10-32``'s ``diffusion_pytorch_model.safetensors``/``.bin``), which is converted exactly
+    (:mod:`mmqdiff.diffusion.convert`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}. Download it yourself and pass its local path "
                                 "(nothing is fetched at run time).")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or pickled code
-        raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from e
+    if path.suffix == ".safetensors":
+        obj: Any = _read_safetensors(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, not a torch file, or pickled code
+            raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint "
+                             f"({type(e).__name__}: {e})") from e
     sd = _extract_state_dict(obj, path)
+    if is_diffusers_state_dict(sd):
+        try:
+            sd = diffusers_to_ddim_state_dict(sd)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]

@@ -1,72 +1,132 @@
-"""One segment's calibration pairs (x_t, t) as a LightningDataModule.
+"""The segment-filtered calibration data of a fit run, as a LightningDataModule: ``data:`` in the calibration configs.
 
-The segments come from ``timestep_segments``, the same function sampling uses to pick each step's model, and the
-pairs from the reference selection rule applied within each segment.
+The DataModule owns the calibration file: it opens it, checks it against the schedule (and, through
+:meth:`CalibrationDataModule.check_model`, the FP model), cuts the sampling steps into K segments with
+``timestep_segments`` (the function sampling uses to pick each step's model) and selects each segment's pairs with
+the reference rule applied within the segment. Its train loader yields, once per training step, the full pair sets
+of the segments this process calibrates: ``{segment: (xs [M, C, H, W], ts [M])}``; the calibration module runs one
+work item per step on them.
 """
 from __future__ import annotations
 
-from typing import Any
+from functools import cached_property
+from typing import Any, Iterator, Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from ..data.calibration import CalibrationFile
 from ..data.segments import timestep_segments
+from ..diffusion import file_sha256
+from .strategy import segments_of_rank
+
+Pairs = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+class SegmentPairsStream(IterableDataset):
+    """The same ``{segment: (xs, ts)}`` element, once per training step, until the module stops the loop (the number
+    of work items is the module's business; a resumed run starts a fresh stream, which is harmless)."""
+
+    def __init__(self, pairs: Pairs):
+        self.pairs = pairs
+
+    def __iter__(self) -> Iterator[Pairs]:
+        while True:
+            yield self.pairs
 
 
 class CalibrationDataModule(LightningDataModule):
-    """Serves the pairs of ``segment`` (one index or several) out of K segments of ``num_steps`` sampling steps.
+    """Calibration pairs of K segments of ``num_steps`` sampling steps from the file at ``path``.
 
-    ``num_steps`` must equal the file's step count; ``model_sha256``/``skip_type`` (and ``num_steps``), when given,
-    must match the file's meta if it has one. Shuffling is seeded, so batches are reproducible.
+    Args:
+        path: calibration file (Q-Diffusion's ``{"xs", "ts"}`` layout, optionally with ``meta``).
+        num_steps, skip_type: the sampling schedule; ``num_steps`` must equal the file's step count, and both must
+            match the file's meta when it has one.
+        k, boundaries: the segments (``timestep_segments``).
+        segment: which segments to serve (an index or a list); None: those of this process under a trainer
+            (round-robin over ranks, as ``segment_parallel`` assigns them), all of them otherwise.
+        cali_st, cali_n: the reference selection rule, applied within each segment.
+        image_shape, model_sha256: optional checks against the model (a calibration run passes them through
+            :meth:`check_model` instead).
     """
 
-    def __init__(self, path: str, num_steps: int, k: int = 1, segment: int | list[int] = 0, cali_st: int = 20,
-                 cali_n: int = 256, batch_size: int = 32, seed: int = 0, boundaries: list[int] | None = None,
-                 image_shape: list[int] | None = None, model_sha256: str | None = None,
-                 skip_type: str | None = None):
+    def __init__(self, path: str, num_steps: int, k: int = 1, segment: int | list[int] | None = None,
+                 cali_st: int = 20, cali_n: int = 256, boundaries: list[int] | None = None, skip_type: str = "quad",
+                 image_shape: list[int] | None = None, model_sha256: str | None = None):
         super().__init__()
-        self.path, self.num_steps = path, num_steps
+        self.path, self.num_steps, self.k, self.skip_type = path, num_steps, k, skip_type
         self.segments = timestep_segments(num_steps, k, boundaries)
-        self.segment_ids = [segment] if isinstance(segment, int) else list(segment)
-        for s in self.segment_ids:
+        self.segment = segment
+        for s in self._requested():
             if not 0 <= s < k:
                 raise ValueError(f"segment index {s} outside [0, {k - 1}] for k={k}")
-        self.cali_st, self.cali_n, self.batch_size, self.seed = cali_st, cali_n, batch_size, seed
-        self.image_shape = image_shape
-        self.expected_meta = {"model_sha256": model_sha256, "num_steps": num_steps, "skip_type": skip_type}
+        self.cali_st, self.cali_n = cali_st, cali_n
+        self.image_shape, self.model_sha256 = image_shape, model_sha256
         self._file: CalibrationFile | None = None
-        self.dataset: TensorDataset | None = None
+        self.selected: Pairs = {}  # served segment -> (xs, ts), filled by setup
         self.summary: list[dict[str, Any]] = []  # per served segment, filled by setup
+
+    def _requested(self) -> list[int]:
+        return [] if self.segment is None else [self.segment] if isinstance(self.segment, int) else list(self.segment)
+
+    @property
+    def segment_ids(self) -> list[int]:
+        """The segments this DataModule serves (this process's share under a trainer)."""
+        if self.segment is not None:
+            return self._requested()
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return segments_of_rank(self.k, rank, world)
 
     def _open(self) -> CalibrationFile:
         if self._file is None:
-            f = CalibrationFile(self.path, self.image_shape)
+            f = CalibrationFile(self.path)
             if f.num_steps != self.num_steps:
                 raise ValueError(f"{f.path}: holds {f.num_steps} sampling steps but num_steps={self.num_steps}")
-            f.check_meta(**self.expected_meta)
+            f.check_meta(num_steps=self.num_steps, skip_type=self.skip_type)
+            self._check_model(f, self.image_shape, self.model_sha256)
             self._file = f
         return self._file
 
+    @staticmethod
+    def _check_model(f: CalibrationFile, image_shape: Sequence[int] | None, model_sha256: str | None) -> None:
+        if image_shape is not None:
+            f.check_image_shape(image_shape)
+        f.check_meta(model_sha256=model_sha256)
+
+    def check_model(self, image_shape: Sequence[int] | None = None, model_sha256: str | None = None) -> None:
+        """Raise if the file's images are not ``image_shape`` (C, H, W) or its meta names another model."""
+        self._check_model(self._open(), image_shape, model_sha256)
+
+    @property
+    def meta(self) -> dict[str, Any] | None:
+        """The file's ``meta`` entry (None for Q-Diffusion's released file)."""
+        return self._open().meta
+
+    @cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
     def pairs(self, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All selected (xs [M, C, H, W], ts [M]) of one segment at once, for caching block inputs."""
+        """All selected (xs [M, C, H, W], ts [M]) of one segment."""
         return self._open().select(self.cali_st, self.cali_n, self.segments[segment])
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            data = {s: self.pairs(s) for s in self.segment_ids}
-            self.summary = [self._summary_row(s, ts) for s, (_, ts) in data.items()]
-            self.dataset = TensorDataset(torch.cat([x for x, _ in data.values()]),
-                                         torch.cat([t for _, t in data.values()]))
+        if not self.selected:
+            self.selected = {s: self.pairs(s) for s in self.segment_ids}
+            self.summary = [self._summary_row(s, ts) for s, (_, ts) in self.selected.items()]
             self.print_summary()
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(SegmentPairsStream(self.selected), batch_size=None)
+
+    def transfer_batch_to_device(self, batch: Pairs, device: torch.device, dataloader_idx: int) -> Pairs:
+        """The pairs stay in host memory; the engine moves each caching batch to the device (as the reference)."""
+        return batch
 
     def _summary_row(self, segment: int, ts: torch.Tensor) -> dict[str, Any]:
         steps = self.segments[segment]
@@ -75,7 +135,7 @@ class CalibrationDataModule(LightningDataModule):
 
     @rank_zero_only
     def print_summary(self) -> None:
-        table = Table(title=f"calibration data {self.path} (K={len(self.segments)}, cali_st={self.cali_st}, "
+        table = Table(title=f"calibration data {self.path} (K={self.k}, cali_st={self.cali_st}, "
                             f"cali_n={self.cali_n})")
         for col in ("segment", "steps", "selected", "t (high..low)", "pairs"):
             table.add_column(col)

@@ -1,15 +1,19 @@
 """Calibrating K segment models in one run: ``python cli.py fit --config configs/embedded/calibrate_k4.yaml``.
 
-Work is a fixed list of items (unit u's weight phase for u = 0..N-1, then unit u's activation phase), each run for all
-segments this process owns; one training step is one item. After every item the whole run (every rank's segment
-quant states, the item counter, timings) is saved atomically to ``<default_root_dir>/checkpoints/last.ckpt``, so
-``--ckpt_path last`` continues at the next item. Every random stream of an item is seeded from (seed, segment, unit,
-phase), so a resumed or parallel run gives the same bits as one uninterrupted sequential run (given equal thread
-counts on CPU). At the end each segment's quant state and packed export go to ``segment_XX/`` and the run is described
-in ``manifest.json`` (see :mod:`mmqdiff.manifest`).
+A thin Lightning driver around :class:`mmqdiff.quant.SegmentCalibrator` (what ``mmqdiff.quant.calibrate`` loops
+over): the :class:`~mmqdiff.lightning.calib_data.CalibrationDataModule` (``data:``) holds each segment's pairs and
+serves them once per training step; one training step runs one work item (unit u's weight phase for u = 0..N-1,
+then unit u's activation phase) for all segments this process owns. After every item the whole run (every rank's
+segment quant states, the item counter, timings) is saved atomically to ``<default_root_dir>/checkpoints/last.ckpt``
+by :class:`UnitCheckpoint`, so ``--ckpt_path last`` continues at the next item, and each segment's losses go to the
+trainer's loggers. Every random stream of an item is seeded from (seed, segment, unit, phase), so a resumed or
+parallel run gives the same bits as one uninterrupted sequential run (given equal thread counts on CPU). At the end
+each segment's quant state and packed export go to ``segment_XX/`` and the run is described in ``manifest.json``
+(see :mod:`mmqdiff.manifest`).
 """
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,19 +22,18 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch.utils.data import DataLoader
 
-from ..data.calibration import read_calibration_meta
 from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, timesteps
 from ..manifest import MANIFEST_NAME, segment_dir, write_manifest
-from ..quant import QuantConfig, QuantizedUNet, export_packed, load_quant_state, packed_nbytes, quant_state_dict
-from ..quant.reconstruction import ReconSettings, calibrate_item, item_seed, work_items
-from .calib_data import CalibrationDataModule
-from .strategy import SegmentParallelStrategy, gather_to_zero, segments_of_rank
+from ..quant import (QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator, export_packed, packed_nbytes,
+                     quant_state_dict)
+from ..quant.reconstruction import ReconSettings, work_items
+from .calib_data import CalibrationDataModule, Pairs
+from .strategy import SegmentParallelStrategy, gather_to_zero
 from ..io import atomic_save
 
 CKPT_KEY = "mmqdiff_calibration"
@@ -44,20 +47,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
 
-class UnitCheckpoint(ModelCheckpoint):
-    """``last.ckpt`` after every completed work item of :class:`SegmentCalibration`.
+def run_checkpoint(run_dir: str | Path) -> Path:
+    """Where a calibration run keeps its resumable state: ``<run folder>/checkpoints/last.ckpt``."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
 
-    A ModelCheckpoint (so ``--ckpt_path last`` finds it) that ignores ``global_step``: manual optimisation without
-    Lightning optimizers never advances it. Added by the module itself, so a config cannot drop it.
+
+class UnitCheckpoint(ModelCheckpoint):
+    """``<trainer.default_root_dir>/checkpoints/last.ckpt`` after every completed work item of
+    :class:`SegmentCalibration`, wherever the loggers write.
+
+    Listed under ``trainer.callbacks`` in the calibration configs (the module refuses to run without it): Lightning
+    resolves ``--ckpt_path last`` through the trainer's checkpoint callbacks before the module's own callbacks exist,
+    and a plain ModelCheckpoint would look in the first logger's version folder, which is new in every session.
+    Ignores ``global_step``: manual optimisation without Lightning optimizers never advances it.
     """
 
-    def __init__(self, path: Path):
-        super().__init__(dirpath=path.parent, save_last=True, save_top_k=0, enable_version_counter=False)
-        self.path = Path(self.dirpath) / path.name  # ModelCheckpoint resolves dirpath; paths must compare equal
+    def __init__(self) -> None:
+        super().__init__(save_last=True, save_top_k=0, enable_version_counter=False)
         self._saved_item: int | None = None
 
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """ModelCheckpoint's hook for ``ckpt_path="last"`` (lightning 2.6): the run folder's ``last.ckpt``."""
+        path = run_checkpoint(trainer.default_root_dir)
+        return {os.path.normpath(path)} if path.is_file() else set()
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.dirpath = os.path.realpath(run_checkpoint(trainer.default_root_dir).parent)
         super().setup(trainer, pl_module, stage)
+        self.path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
@@ -75,20 +92,6 @@ class UnitCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The last item was saved already (ModelCheckpoint would save again and delete the 'previous' last)."""
-
-
-class _Ticks(torch.utils.data.Dataset):
-    """One element per work item; the module keeps its own item counter, so what a resumed loader replays does not
-    matter."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
 
 
 class _Reporter:
@@ -127,12 +130,12 @@ class _Reporter:
 
 @dataclass
 class _Nets:
-    """The FP model and this rank's segment models, kept out of the LightningModule's submodules: Lightning's
+    """The FP model and this rank's segment calibrators, kept out of the LightningModule's submodules: Lightning's
     state_dict would hold one rank's full-precision copies only; the checkpoint carries every rank's compact quant
     state instead (see ``on_save_checkpoint``)."""
 
     fp: torch.nn.Module | None = None
-    segments: dict[int, QuantizedUNet] = field(default_factory=dict)
+    segments: dict[int, SegmentCalibrator] = field(default_factory=dict)
 
 
 def _cpu(state: dict[str, Any]) -> dict[str, Any]:
@@ -142,32 +145,28 @@ def _cpu(state: dict[str, Any]) -> dict[str, Any]:
 class SegmentCalibration(LightningModule):
     """Q-Diffusion calibration of one quantized UNet per timestep segment (K=1: the Q-Diffusion baseline).
 
+    The data (calibration file, schedule, K, segment boundaries, cali_st / cali_n) come from the trainer's
+    :class:`~mmqdiff.lightning.calib_data.CalibrationDataModule` (``data:`` in the config).
+
     Args:
         model_config / checkpoint: the FP model (YAML config, local weights file).
-        calibration: calibration file (Q-Diffusion format); its meta, if any, must match the model and schedule.
-        k, boundaries: the segments (``timestep_segments``); num_steps / skip_type: the sampling schedule.
-        cali_st, cali_n: the reference selection rule, applied within each segment.
         quant: what to quantize (``QuantConfig``; ``unit_order: registration`` restores the reference order).
-        recon: reconstruction settings and improvement switches (``ReconSettings``).
+        recon: reconstruction settings and improvement switches (``ReconSettings``, passed whole to the engine).
         seed: root of every random stream (per segment, unit and phase).
         overwrite: replace the outputs of a previous run in the same folder instead of refusing.
 
-    Outputs go to ``trainer.default_root_dir`` (the run folder); use ``logger: false`` so checkpoints sit there.
+    Outputs go to ``trainer.default_root_dir`` (the run folder); ``trainer.callbacks`` must include
+    :class:`UnitCheckpoint`. Per-item losses go to the trainer's loggers (step = work item index).
     """
 
-    def __init__(self, model_config: str, checkpoint: str, calibration: str, k: int = 1,
-                 boundaries: list[int] | None = None, num_steps: int = 100, skip_type: str = "quad", cali_st: int = 20,
-                 cali_n: int = 256, quant: QuantConfig = QuantConfig(), recon: ReconSettings = ReconSettings(),
-                 seed: int = 1234, overwrite: bool = False):
+    def __init__(self, model_config: str, checkpoint: str, quant: QuantConfig = QuantConfig(),
+                 recon: ReconSettings = ReconSettings(), seed: int = 1234, overwrite: bool = False):
         super().__init__()
         self.automatic_optimization = False
-        self.model_config, self.checkpoint, self.calibration = model_config, checkpoint, calibration
-        self.k, self.boundaries, self.num_steps, self.skip_type = k, boundaries, num_steps, skip_type
-        self.cali_st, self.cali_n, self.quant, self.recon = cali_st, cali_n, quant, recon
-        self.seed, self.overwrite = seed, overwrite
+        self.model_config, self.checkpoint = model_config, checkpoint
+        self.quant, self.recon, self.seed, self.overwrite = quant, recon, seed, overwrite
         self.next_item = 0
         self.nets = _Nets()
-        self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.stats: dict[int, dict[str, Any]] = {}
         self.run_seconds = 0.0
 
@@ -176,31 +175,42 @@ class SegmentCalibration(LightningModule):
     def run_dir(self) -> Path:
         return Path(self.trainer.default_root_dir)
 
+    @property
+    def data(self) -> CalibrationDataModule:
+        dm = self.trainer.datamodule
+        if not isinstance(dm, CalibrationDataModule):
+            raise ValueError("SegmentCalibration takes its pairs from a CalibrationDataModule: set data.class_path "
+                             f"to mmqdiff.lightning.calib_data.CalibrationDataModule (got {type(dm).__name__})")
+        return dm
+
     def setup(self, stage: str) -> None:
         self._session_start = time.perf_counter()
         trainer = self.trainer
         if trainer.world_size > 1 and not isinstance(trainer.strategy, SegmentParallelStrategy):
             raise ValueError(f"several processes need trainer.strategy=segment_parallel (each calibrates its own "
                              f"segments), got {type(trainer.strategy).__name__}")
+        if not any(isinstance(cb, UnitCheckpoint) for cb in trainer.callbacks):
+            raise ValueError("trainer.callbacks must include mmqdiff.lightning.calibrate.UnitCheckpoint (it saves "
+                             "every work item and lets --ckpt_path last find the run's checkpoint)")
+        data = self.data
+        if data.segment is not None:
+            raise ValueError(f"data.init_args.segment must be null for SegmentCalibration (it calibrates every "
+                             f"segment, spread over the processes), got {data.segment!r}")
         self._check_writable(self.run_dir, trainer.global_rank)
         device = trainer.strategy.root_device
         cfg = load_config(self.model_config)
         fp = self.nets.fp = load_checkpoint(build_model(cfg), self.checkpoint).to(device).eval().requires_grad_(False)
         self.model_sha256 = file_sha256(self.checkpoint)
-        image_shape = [fp.in_channels, fp.resolution, fp.resolution]
-        self.data = CalibrationDataModule(self.calibration, self.num_steps, self.k, list(range(self.k)),
-                                          self.cali_st, self.cali_n, boundaries=self.boundaries,
-                                          image_shape=image_shape, model_sha256=self.model_sha256,
-                                          skip_type=self.skip_type)
-        self.calibration_sha256 = file_sha256(self.calibration)
-        seq = timesteps(self.num_steps, self.skip_type, cfg.get("diffusion", {}).get("num_diffusion_timesteps", 1000))
+        data.check_model([fp.in_channels, fp.resolution, fp.resolution], self.model_sha256)
+        seq = timesteps(data.num_steps, data.skip_type,
+                        cfg.get("diffusion", {}).get("num_diffusion_timesteps", 1000))
         self.t_of_step = list(reversed(seq))
-        self.my_segments = segments_of_rank(self.k, trainer.global_rank, trainer.world_size)
+        self.my_segments = data.segment_ids
         for s in self.my_segments:  # segments are never empty (timestep_segments), nor their selection
-            self.pairs[s] = self.data.pairs(s)
-            self.nets.segments[s] = QuantizedUNet(fp, self.quant).to(device).eval()
+            self.nets.segments[s] = SegmentCalibrator(fp, self.quant, self.recon, seed=self.seed, segment=s)
             self.stats[s] = {"wall_seconds": 0.0, "peak_mem_bytes": 0, "units": []}
-        any_model = next(iter(self.nets.segments.values()), None) or QuantizedUNet(fp, self.quant)
+        any_model = (self.nets.segments[self.my_segments[0]].qmodel if self.my_segments
+                     else QuantizedUNet(fp, self.quant))
         self.units = list(any_model.unit_names)
         self.items = work_items(len(self.units), self.quant.quant_act)
         self._resumed = False
@@ -219,9 +229,10 @@ class SegmentCalibration(LightningModule):
     def signature(self) -> dict[str, Any]:
         """What must not change between a checkpoint and the run that resumes it."""
         recon = {k: v for k, v in asdict(self.recon).items() if k != "cache_device"}
-        return {"model_sha256": self.model_sha256, "calibration_sha256": self.calibration_sha256, "k": self.k,
-                "segments": [[r.start, r.stop] for r in self.data.segments], "num_steps": self.num_steps,
-                "skip_type": self.skip_type, "cali_st": self.cali_st, "cali_n": self.cali_n,
+        data = self.data
+        return {"model_sha256": self.model_sha256, "calibration_sha256": data.sha256, "k": data.k,
+                "segments": [[r.start, r.stop] for r in data.segments], "num_steps": data.num_steps,
+                "skip_type": data.skip_type, "cali_st": data.cali_st, "cali_n": data.cali_n,
                 "quant": asdict(self.quant), "recon": recon, "seed": self.seed, "units": self.units}
 
     def on_fit_start(self) -> None:
@@ -243,39 +254,34 @@ class SegmentCalibration(LightningModule):
 
     @property
     def last_ckpt(self) -> Path:
-        """Where ``--ckpt_path last`` looks without a logger: ``<default_root_dir>/checkpoints/last.ckpt``."""
-        return self.run_dir / "checkpoints" / "last.ckpt"
-
-    def configure_callbacks(self) -> list[Callback]:
-        return [UnitCheckpoint(self.last_ckpt)]
+        return run_checkpoint(self.run_dir)
 
     def configure_optimizers(self) -> None:
         """Each work item builds its own optimiser (one per unit and phase, as the reference)."""
         return None
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Ticks(len(self.items)), batch_size=None)
-
     # ----------------------------------------------------------------------------------------------- work
-    def training_step(self, batch: Any, batch_idx: int) -> None:
+    def training_step(self, batch: Pairs, batch_idx: int) -> None:
         if self.next_item < len(self.items):
-            unit, phase = self.items[self.next_item]
-            for s in self.my_segments:
-                self._run_item(s, unit, phase)
+            if sorted(batch) != self.my_segments:
+                raise RuntimeError(f"the data serve segments {sorted(batch)}, this process calibrates "
+                                   f"{self.my_segments}")
+            done = {s: self._run_item(s, *batch[s]) for s in self.my_segments}
+            self._log_losses(done)
             self.next_item += 1
         if self.next_item >= len(self.items):
             self.trainer.should_stop = True
 
-    def _run_item(self, s: int, unit: int, phase: str) -> None:
+    def _run_item(self, s: int, xs: torch.Tensor, ts: torch.Tensor) -> dict[str, float]:
+        calibrator = self.nets.segments[s]
+        if calibrator.next_item != self.next_item:
+            raise RuntimeError(f"segment {s} is at work item {calibrator.next_item}, the run at {self.next_item}")
+        unit, phase = self.items[self.next_item]
         name, n = self.units[unit], len(self.units)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
-        progress = self.reporter.item(s, unit, n, name, phase)
-        stats = calibrate_item(self.nets.segments[s], self.nets.fp, *self.pairs[s], unit, phase, self.recon,
-                               item_seed(self.seed, s, unit, phase), progress)
-        stats["item_seconds"] = time.perf_counter() - start
+        stats = calibrator.run_item(xs, ts, self.reporter.item(s, unit, n, name, phase)).stats
         peak = (torch.cuda.max_memory_allocated(self.device) if cuda
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         seg = self.stats[s]
@@ -283,6 +289,28 @@ class SegmentCalibration(LightningModule):
         seg["peak_mem_bytes"] = max(seg["peak_mem_bytes"], int(peak))
         seg["units"].append({"unit": name, "phase": phase, **stats})
         self.reporter.done(s, unit, n, name, phase, stats)
+        return stats
+
+    def _log_losses(self, done: dict[int, dict[str, float]]) -> None:
+        """Every segment's losses of this work item to the trainer's loggers (rank 0 writes; other ranks' segments
+        are gathered to it), at step = the item index: ``segment_XX/<phase>_loss_start``, ``..._loss_end`` (the
+        reconstruction loss at the first and last iteration) and ``segment_XX/round_loss`` (weight phase)."""
+        if not self.loggers:
+            return
+        gathered = gather_to_zero(done)
+        if gathered is None:
+            return
+        phase = self.items[self.next_item][1]
+        metrics: dict[str, float] = {}
+        for part in gathered:
+            for s, stats in part.items():
+                metrics[f"segment_{s:02d}/{phase}_loss_start"] = stats["rec_first"]
+                metrics[f"segment_{s:02d}/{phase}_loss_end"] = stats["rec_last"]
+                if "round_loss" in stats:
+                    metrics[f"segment_{s:02d}/round_loss"] = stats["round_loss"]
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.next_item)
+            logger.save()
 
     @property
     def peak_mem_kind(self) -> str:
@@ -294,8 +322,8 @@ class SegmentCalibration(LightningModule):
         return self.run_seconds + time.perf_counter() - self._session_start
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        local = {s: {"quant_state": _cpu(quant_state_dict(q)), "stats": self.stats[s]}
-                 for s, q in self.nets.segments.items()}
+        local = {s: {"quant_state": _cpu(quant_state_dict(c.qmodel)), "stats": self.stats[s]}
+                 for s, c in self.nets.segments.items()}
         gathered = gather_to_zero(local)
         if gathered is None:
             return  # only rank 0 writes the file
@@ -314,7 +342,7 @@ class SegmentCalibration(LightningModule):
             raise ValueError(f"cannot resume: checkpoint was made with different {diff} "
                              f"(e.g. {diff[0]}: checkpoint {theirs.get(diff[0])!r}, now {mine.get(diff[0])!r})")
         for s in self.my_segments:
-            load_quant_state(self.nets.segments[s], state["segments"][s]["quant_state"])
+            self.nets.segments[s].resume(ResumePoint(state["next_item"], state["segments"][s]["quant_state"]))
             self.stats[s] = state["segments"][s]["stats"]
         self.next_item, self.run_seconds, self._resumed = state["next_item"], state["run_seconds"], True
 
@@ -329,12 +357,12 @@ class SegmentCalibration(LightningModule):
         gathered = gather_to_zero(entries)
         if gathered is not None:
             segments = {s: e for part in gathered for s, e in part.items()}
-            path = write_manifest(self.run_dir, self._manifest([segments[s] for s in range(self.k)]))
-            Console().print(f"calibrated {self.k} segment model(s) in {self._elapsed():.1f} s: {path}")
+            path = write_manifest(self.run_dir, self._manifest([segments[s] for s in range(self.data.k)]))
+            Console().print(f"calibrated {self.data.k} segment model(s) in {self._elapsed():.1f} s: {path}")
         self.trainer.strategy.barrier()
 
     def _write_segment(self, s: int) -> dict[str, Any]:
-        q, steps, (xs, ts) = self.nets.segments[s], self.data.segments[s], self.pairs[s]
+        q, steps, (xs, ts) = self.nets.segments[s].qmodel, self.data.segments[s], self.data.selected[s]
         q.set_quant_state(True, self.quant.quant_act)
         folder = segment_dir(self.run_dir, s)
         files = {"quant_state": folder / "quant_state.pt", "packed": folder / "packed.pt"}
@@ -352,15 +380,15 @@ class SegmentCalibration(LightningModule):
                           for u in self.stats[s]["units"]]}
 
     def _manifest(self, segments: list[dict[str, Any]]) -> dict[str, Any]:
-        meta = read_calibration_meta(self.calibration)
-        return {"k": self.k, "num_steps": self.num_steps, "skip_type": self.skip_type, "segments": segments,
+        data = self.data
+        return {"k": data.k, "num_steps": data.num_steps, "skip_type": data.skip_type, "segments": segments,
                 "weight_bits": self.quant.weight_bits, "act_bits": self.quant.act_bits if self.quant.quant_act else 32,
                 "quant_config": asdict(self.quant), "reconstruction": asdict(self.recon), "seed": self.seed,
                 "units": self.units, "fp_model": {"config": str(self.model_config),
                                                   "config_dict": load_config(self.model_config),
                                                   "checkpoint": str(self.checkpoint), "sha256": self.model_sha256},
-                "calibration": {"path": str(self.calibration), "sha256": self.calibration_sha256,
-                                "cali_st": self.cali_st, "cali_n": self.cali_n, "meta": meta},
+                "calibration": {"path": str(data.path), "sha256": data.sha256, "cali_st": data.cali_st,
+                                "cali_n": data.cali_n, "meta": data.meta},
                 "wall_seconds": self._elapsed(), "peak_mem_kind": self.peak_mem_kind,
                 "peak_mem_bytes": max(seg["peak_mem_bytes"] for seg in segments),
                 "model_bytes": sum(seg["model_bytes"] for seg in segments),

@@ -81,9 +81,11 @@ def _quantize_unit(module: nn.Module, name: str, cfg: QuantConfig, split: int) -
 class QuantizedUNet(nn.Module):
     """Fake-quant copy of a ddim ``Model``: ``forward(x, t)`` as the FP model.
 
-    After build: weight quantization on (nearest rounding, 'max'/'mse' ranges set from the FP weights), activation
-    quantization off. Turn activations on with ``set_quant_state(True, True)``; each activation quantizer then
-    initialises on the first batch it sees, so feed calibration data first.
+    After build: weight quantization on (nearest rounding, 'max'/'mse' ranges set from the FP weights); activation
+    quantization **off, with no ranges yet** -- the model computes with quantized weights and FP activations. Give the
+    activation quantizers ranges from data with :func:`~mmqdiff.quant.init_activation_ranges` (which also turns them
+    on), or calibrate everything with :func:`~mmqdiff.quant.calibrate`. (``set_quant_state(True, True)`` alone makes
+    each activation quantizer take its range from the first batch it sees, whatever that batch is.)
     """
 
     def __init__(self, model: Model, config: QuantConfig):
@@ -121,7 +123,9 @@ class QuantizedUNet(nn.Module):
 
 
 def quantize_model(model: Model, config: QuantConfig | None = None) -> QuantizedUNet:
-    """Quantize a deep copy of ``model`` (the caller's model is untouched); see :class:`QuantizedUNet`."""
+    """Quantize a deep copy of ``model`` (the caller's model is untouched). Weights come out quantized (nearest
+    rounding); activation quantization is off and uninitialised until ``init_activation_ranges`` or ``calibrate``
+    (see :class:`QuantizedUNet`)."""
     return QuantizedUNet(model, config or QuantConfig())
 
 

@@ -218,7 +218,8 @@ def reconstruct_weights(unit: nn.Module, cache: UnitCache, *, iters: int, batch_
                         progress: Progress | None = None) -> dict[str, float]:
     """AdaRound phase (3.6): Adam on the alphas of every weight quantizer in ``unit``; loss = ``lp_loss(p=2)`` +
     ``reg_weight * sum(round_loss(b))`` over regularized quantizers, zero during the warm-up, ``b`` from
-    :class:`LinearTempDecay`. Ends with hard rounding. Activation quantization is off in this phase."""
+    :class:`LinearTempDecay`. Ends with hard rounding. Activation quantization is off in this phase. Stats add
+    ``round_loss``: the regulariser ``sum(round_loss(b))`` at the final ``b``, before hardening."""
     set_quant_state(unit, True, False)
     init_adaround(unit)
     set_rounding(unit, "soft")
@@ -237,6 +238,8 @@ def reconstruct_weights(unit: nn.Module, cache: UnitCache, *, iters: int, batch_
     with _training(unit, params, train_mode):
         stats = _optimise(unit, cache, loss_fn, torch.optim.Adam(params, lr=lr), None, iters=iters,
                           batch_size=batch_size, generator=generator, name=name, phase="weight", progress=progress)
+    with torch.no_grad():  # how far the soft rounding still is from hard (0: every weight decided), unweighted
+        stats["round_loss"] = float(sum(q.round_loss(decay(iters)) for q in regularized))
     set_rounding(unit, "hard")
     return stats
 
