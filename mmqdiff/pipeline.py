@@ -30,8 +30,7 @@ console = Console(width=160)
 # per-run metrics.json entries copied into report.json as they are: spreads, per-chunk scores, held-out error, speed
 PASSED_THROUGH = ("fid_std", "fid_chunks", "kid_chunks", "kid_chunk_std", "is_chunks", "is_chunk_std", "chunks",
                   "chunk_size", "psnr_std", "psnr_chunks", "heldout_mse", "heldout_x_mse", "heldout_quarters",
-                  "heldout_per_step",
-                  "sampling_seconds_per_image", "runtime")
+                  "heldout_per_step", "sampling_seconds_per_image", "runtime")
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
 
