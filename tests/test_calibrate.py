@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cli
+from mmqdiff import pipeline
 from mmqdiff.data import CalibrationFile, load_calibration, record_trajectories, save_calibration, select_steps
 from mmqdiff.diffusion import build_model, file_sha256, linear_betas, load_checkpoint, load_config, timesteps
 from mmqdiff.evaluation import heldout_error_of_run, heldout_step_error
@@ -127,6 +128,22 @@ def test_python_api_reproduces_a_segment_of_the_run(world, finished):
     xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(5, 10))
     q = calibrate(model, QuantConfig(), xs, ts, ReconSettings(cali_iters=4, cali_iters_a=3), seed=1234, segment=1)
     assert tensors_equal(quant_state_dict(q), quant_state_dict(module.nets.segments[1].qmodel))
+
+
+def test_segment_scale_gives_each_segment_its_share_of_the_iterations(world, tmp_path):
+    module = fit(world, tmp_path / "scaled", iters=3, iters_a=2,
+                 extra=["--model.init_args.segment_scale", "[1.5, 0.5]"]).model
+    m = read_manifest(tmp_path / "scaled")
+    assert [seg["iters"] for seg in m["segments"]] == [[4, 3], [2, 1]] and m["segment_scale"] == [1.5, 0.5]
+    assert pipeline.calibration_compute(m) == [6, 4]
+    model = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
+    xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(0, 5))
+    q = calibrate(model, QuantConfig(), xs, ts, ReconSettings(cali_iters=4, cali_iters_a=3), seed=1234, segment=0)
+    assert tensors_equal(quant_state_dict(q), quant_state_dict(module.nets.segments[0].qmodel))
+    with pytest.raises(ValueError, match="segment_scale has 3 factors for k=2 segments"):
+        fit(world, tmp_path / "bad", extra=["--model.init_args.segment_scale", "[1, 1, 1]"])
+    with pytest.raises(ValueError, match="iteration scale must be > 0"):
+        ReconSettings().scaled(0)
 
 
 def test_loaded_segment_models_reproduce_the_calibrated_ones(world, finished):

@@ -153,6 +153,9 @@ class SegmentCalibration(LightningModule):
         quant: what to quantize (``QuantConfig``; ``unit_order: registration`` restores the reference order).
         recon: reconstruction settings and improvement switches (``ReconSettings``, passed whole to the engine).
         seed: root of every random stream (per segment, unit and phase).
+        segment_scale: per segment, a factor on both iteration counts of ``recon`` (e.g. ``[2, 1, 0.5, 0.5]`` gives
+            the noisiest segment, whose errors move the sample most, twice the uniform budget at the same total);
+            None: every segment gets ``recon``'s iterations.
         overwrite: replace the outputs of a previous run in the same folder instead of refusing.
 
     Outputs go to ``trainer.default_root_dir`` (the run folder); ``trainer.callbacks`` must include
@@ -160,11 +163,13 @@ class SegmentCalibration(LightningModule):
     """
 
     def __init__(self, model_config: str, checkpoint: str, quant: QuantConfig = QuantConfig(),
-                 recon: ReconSettings = ReconSettings(), seed: int = 1234, overwrite: bool = False):
+                 recon: ReconSettings = ReconSettings(), seed: int = 1234, segment_scale: list[float] | None = None,
+                 overwrite: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.model_config, self.checkpoint = model_config, checkpoint
         self.quant, self.recon, self.seed, self.overwrite = quant, recon, seed, overwrite
+        self.segment_scale = None if segment_scale is None else [float(f) for f in segment_scale]
         self.next_item = 0
         self.nets = _Nets()
         self.stats: dict[int, dict[str, Any]] = {}
@@ -206,14 +211,22 @@ class SegmentCalibration(LightningModule):
                         cfg.get("diffusion", {}).get("num_diffusion_timesteps", 1000))
         self.t_of_step = list(reversed(seq))
         self.my_segments = data.segment_ids
+        if self.segment_scale is not None and len(self.segment_scale) != data.k:
+            raise ValueError(f"model.init_args.segment_scale has {len(self.segment_scale)} factors for "
+                             f"k={data.k} segments")
         for s in self.my_segments:  # segments are never empty (timestep_segments), nor their selection
-            self.nets.segments[s] = SegmentCalibrator(fp, self.quant, self.recon, seed=self.seed, segment=s)
+            self.nets.segments[s] = SegmentCalibrator(fp, self.quant, self.segment_recon(s), seed=self.seed,
+                                                      segment=s)
             self.stats[s] = {"wall_seconds": 0.0, "peak_mem_bytes": 0, "units": []}
         any_model = (self.nets.segments[self.my_segments[0]].qmodel if self.my_segments
                      else QuantizedUNet(fp, self.quant))
         self.units = list(any_model.unit_names)
         self.items = work_items(len(self.units), self.quant.quant_act)
         self._resumed = False
+
+    def segment_recon(self, s: int) -> ReconSettings:
+        """Segment ``s``'s reconstruction settings: ``recon`` with its share of ``segment_scale``."""
+        return self.recon if self.segment_scale is None else self.recon.scaled(self.segment_scale[s])
 
     @staticmethod
     def _check_writable(run_dir: Path, rank: int) -> None:
@@ -233,7 +246,8 @@ class SegmentCalibration(LightningModule):
         return {"model_sha256": self.model_sha256, "calibration_sha256": data.sha256, "k": data.k,
                 "segments": [[r.start, r.stop] for r in data.segments], "num_steps": data.num_steps,
                 "skip_type": data.skip_type, "cali_st": data.cali_st, "cali_n": data.cali_n,
-                "quant": asdict(self.quant), "recon": recon, "seed": self.seed, "units": self.units}
+                "quant": asdict(self.quant), "recon": recon, "seed": self.seed, "units": self.units,
+                "segment_scale": self.segment_scale}
 
     def on_fit_start(self) -> None:
         # rank 0 decides for all: another rank could otherwise look after rank 0 deleted, skip the barrier, and hang
@@ -369,7 +383,8 @@ class SegmentCalibration(LightningModule):
         export = _cpu(export_packed(q))
         atomic_save(_cpu(quant_state_dict(q)), files["quant_state"])
         atomic_save(export, files["packed"])
-        return {"index": s, "steps": [steps.start, steps.stop],
+        recon = self.segment_recon(s)
+        return {"index": s, "steps": [steps.start, steps.stop], "iters": [recon.cali_iters, recon.cali_iters_a],
                 "t_range": [self.t_of_step[steps.start], self.t_of_step[steps.stop - 1]],
                 "pairs": len(xs), "calib_t_range": [int(ts.max()), int(ts.min())],
                 **{k: str(p.relative_to(self.run_dir)) for k, p in files.items()},
@@ -384,6 +399,7 @@ class SegmentCalibration(LightningModule):
         return {"k": data.k, "num_steps": data.num_steps, "skip_type": data.skip_type, "segments": segments,
                 "weight_bits": self.quant.weight_bits, "act_bits": self.quant.act_bits if self.quant.quant_act else 32,
                 "quant_config": asdict(self.quant), "reconstruction": asdict(self.recon), "seed": self.seed,
+                "segment_scale": self.segment_scale,
                 "units": self.units, "fp_model": {"config": str(self.model_config),
                                                   "config_dict": load_config(self.model_config),
                                                   "checkpoint": str(self.checkpoint), "sha256": self.model_sha256},

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -305,6 +305,14 @@ class ReconSettings:
     cache_device: str = "auto"
     cache_dtype: str = "float32"
     cache_batch_size: int = 256
+
+    def scaled(self, factor: float) -> ReconSettings:
+        """These settings with both iteration counts times ``factor`` (rounded, at least 1): a segment's share of a
+        per-segment budget, at the same schedule shape (warm-up fraction, temperature range, learning rates)."""
+        if not factor > 0:
+            raise ValueError(f"iteration scale must be > 0, got {factor}")
+        return replace(self, cali_iters=max(1, round(self.cali_iters * factor)),
+                       cali_iters_a=max(1, round(self.cali_iters_a * factor)))
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
