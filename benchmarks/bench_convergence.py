@@ -38,12 +38,14 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def calibrate_segments(fp, calib: CalibrationFile, k: int, cali_st: int, cali_n: int, quant: QuantConfig,
-                       settings: ReconSettings, seed: int) -> list:
+                       settings: ReconSettings, seed: int, scale: list[float] | None = None) -> tuple[list, list]:
+    """K segment models as ``SegmentCalibration`` makes them (same seeds, same per-segment budgets)."""
     segments = timestep_segments(calib.num_steps, k)
     models = []
     for s, steps in enumerate(segments):
         xs, ts = calib.select(cali_st, cali_n, steps)
-        q = calibrate(fp, quant, xs, ts, settings, seed=seed, segment=s)
+        q = calibrate(fp, quant, xs, ts, settings if scale is None else settings.scaled(scale[s]), seed=seed,
+                      segment=s)
         q.freeze()
         models.append(q)
     return models, segments
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, nargs=2, default=(192, 256), metavar=("FIRST", "END"))
     ap.add_argument("--weight-bits", type=int, default=4)
     ap.add_argument("--set", nargs="*", default=[], help="ReconSettings overrides, e.g. lr_w=0.008")
+    ap.add_argument("--segment-scale", type=float, nargs="*", help="per-segment iteration factors")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--label", default="")
@@ -79,12 +82,13 @@ def main() -> None:
                            **overrides)
         start = time.perf_counter()
         models, segments = calibrate_segments(fp, calib, args.k, args.cali_st, args.cali_n, quant, settings,
-                                              args.seed)
+                                              args.seed, args.segment_scale)
         seconds = time.perf_counter() - start
         step_seg = segment_of_step(segments)
         err = heldout_step_error(lambda i: models[step_seg[i]], fp, calib, heldout)
         row = {"label": args.label, "k": args.k, "cali_st": args.cali_st, "cali_n": args.cali_n,
                "weight_bits": args.weight_bits, "recon": asdict(settings), "overrides": overrides,
+               "segment_scale": args.segment_scale,
                "seconds": seconds, "threads": args.threads, "heldout_mse": sum(err) / len(err),
                "heldout_x_mse": sample_space_error(err, sensitivity),
                "quarters": quarter_means(err), "per_step": err}
