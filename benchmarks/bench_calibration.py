@@ -4,6 +4,10 @@ full-size CIFAR-10 blocks (random weights and inputs: cost does not depend on va
 
     .venv/bin/python benchmarks/bench_calibration.py [--threads 2] [--batch 32] [--iters 30]
         [--segment-iters 160 50] [--cifar-units up.0.block.0 down.1.block.0] [--append benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/bench_calibration.py --threads 1 --convergence outputs/convergence/runs.jsonl
+
+The second form times the reconstruction schedules of a convergence sweep (bench_convergence.py) side by side and
+reports each one's wall time to the reference schedule's converged held-out error.
 
 Runs on CUDA when available (``--device cpu`` to force). Peak memory: CUDA max allocated per measurement (reset
 before each); on CPU the process peak RSS, which only grows (so each row reports the peak so far).
@@ -11,6 +15,7 @@ before each); on CPU the process peak RSS, which only grows (so each row reports
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -21,7 +26,7 @@ import torch
 
 from mmqdiff.data import load_calibration, timestep_segments
 from mmqdiff.diffusion import build_model, load_checkpoint
-from mmqdiff.quant import QuantConfig, quantize_model
+from mmqdiff.quant import QuantConfig, calibrate, quantize_model
 from mmqdiff.quant.reconstruction import (ReconSettings, cache_unit_io, calibrate_item, init_act_quantizers,
                                           item_seed, reconstruct_activations, reconstruct_weights, work_items)
 
@@ -89,11 +94,67 @@ def segment_row(label: str, fp, xs, ts, iters: tuple[int, int], batch: int, devi
     return row
 
 
-def embedded_data(fp) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """The first of 4 segments' pairs from the shipped calibration file (cali_st 4, cali_n 32 as
+def schedule_seconds(fp, xs, ts, lr_w: float, budgets: tuple[int, int], act_ratio: float, repeats: int,
+                     device: torch.device) -> list[float]:
+    """Seconds of a whole embedded segment at each weight budget (activation budget in ``act_ratio``), min over
+    ``repeats``."""
+    out = []
+    for w in budgets:
+        settings = ReconSettings(cali_iters=w, cali_iters_a=max(1, round(w * act_ratio)), lr_w=lr_w)
+        times = []
+        for _ in range(repeats):
+            times.append(timed(device, lambda: calibrate(fp, QuantConfig(), xs, ts, settings, seed=0))[0])
+        out.append(min(times))
+    return out
+
+
+def time_to_target(fp, xs, ts, convergence: Path, repeats: int, device: torch.device) -> list[str]:
+    """Wall time to the reference schedule's converged held-out error (its largest budget in the convergence
+    results): the schedules differ only in learning rate, so both are timed here side by side, interleaved, as
+    ``fixed + per-iteration x iterations`` from two budgets; the iterations each needs come from
+    bench_convergence.py's held-out results (K=1)."""
+    rows = [json.loads(line) for line in convergence.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["k"] == 1 and r["segment_scale"] is None] if rows else []
+    ref = [r for r in rows if r["recon"]["lr_w"] == 1e-3]
+    if not ref:
+        raise SystemExit(f"{convergence}: no K=1 reference-schedule (lr_w 0.001) rows")
+    target = max(ref, key=lambda r: r["recon"]["cali_iters"])
+    lines = ["", f"Target: held-out sample-space error {target['heldout_x_mse']:.3e} of the reference schedule at "
+             f"{target['recon']['cali_iters']}/{target['recon']['cali_iters_a']} iterations ({convergence}).", "",
+             "| schedule (lr_w) | iterations to target (w/a) | held-out there | s/segment at 40 iters | s at 120 "
+             "| modelled s to target | vs reference |", "|---|---|---|---|---|---|---|"]
+    budgets = (40, 120)
+    ratio = target["recon"]["cali_iters_a"] / target["recon"]["cali_iters"]
+    seconds = {}
+    for _ in range(repeats):  # interleave the schedules so load drifts hit both alike
+        for lr in sorted({r["recon"]["lr_w"] for r in rows}):
+            t = schedule_seconds(fp, xs, ts, lr, budgets, ratio, 1, device)
+            seconds[lr] = [min(a, b) for a, b in zip(seconds.get(lr, t), t)]
+    modelled = {}  # lr -> (iterations row reaching the target, modelled seconds)
+    for lr, (t1, t2) in seconds.items():
+        reach = sorted((r for r in rows if r["recon"]["lr_w"] == lr and
+                        r["heldout_x_mse"] <= target["heldout_x_mse"]), key=lambda r: r["recon"]["cali_iters"])
+        if reach:
+            per_iter = (t2 - t1) / (budgets[1] - budgets[0])
+            modelled[lr] = (reach[0], t1 + per_iter * (reach[0]["recon"]["cali_iters"] - budgets[0]))
+    ref_s = modelled[1e-3][1] if 1e-3 in modelled else None
+    for lr, (t1, t2) in sorted(seconds.items()):
+        if lr not in modelled:
+            lines.append(f"| {lr:g} | not reached | | {t1:.1f} | {t2:.1f} | | |")
+            continue
+        row, sec = modelled[lr]
+        vs = f"{sec / ref_s:.2f}x" if ref_s else "-"
+        lines.append(f"| {lr:g} | {row['recon']['cali_iters']}/{row['recon']['cali_iters_a']} | "
+                     f"{row['heldout_x_mse']:.3e} | {t1:.1f} | {t2:.1f} | {sec:.1f} | {vs} |")
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def embedded_data(fp, k: int = 4) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The first of k segments' pairs from the main job's calibration file (cali_st 4, cali_n 32 as
     configs/embedded/calibrate_k4.yaml), or random inputs of that size when the file is missing."""
     if EMBEDDED_CALIB.is_file():
-        xs, ts = load_calibration(EMBEDDED_CALIB, 4, 32, steps=timestep_segments(100, 4)[0])
+        xs, ts = load_calibration(EMBEDDED_CALIB, 4, 32, steps=timestep_segments(100, k)[0])
         return xs, ts, str(EMBEDDED_CALIB)
     g = torch.Generator().manual_seed(0)
     return torch.randn(160, 3, fp.resolution, fp.resolution, generator=g), torch.randint(0, 800, (160,)).float(), \
@@ -112,6 +173,9 @@ def main() -> list[str]:
     ap.add_argument("--cifar-segment", type=int, nargs=3, metavar=("PAIRS", "W", "A"),
                     help="also time a whole CIFAR-10 segment (random data) at these sizes, e.g. 5120 200 50 (GPU)")
     ap.add_argument("--append", type=Path, help="append the tables to this markdown file")
+    ap.add_argument("--convergence", type=Path, help="bench_convergence.py results: also time each schedule to the "
+                    "reference's converged held-out error (and skip the per-unit tables)")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -125,7 +189,14 @@ def main() -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines[-2:]), flush=True)
     fp = load_checkpoint(build_model("configs/embedded.yaml"), "checkpoints/embedded_unet.pt").to(device).eval()
-    xs, ts, source = embedded_data(fp)
+    xs, ts, source = embedded_data(fp, k=1)
+    if args.convergence:
+        lines = ["", "## Calibration: time to the reference's converged held-out error (bench_calibration.py)",
+                 header, *time_to_target(fp, xs, ts, args.convergence, args.repeats, device)]
+        if args.append:
+            with open(args.append, "a") as f:
+                f.write("\n".join(lines) + "\n")
+        return lines
     lines += unit_rows(f"embedded ({source})", fp, xs, ts, ["down.0.block.0", "up.1.attn.0", "up.0.block.0"],
                        args.batch, args.iters, device)
     cifar = build_model("configs/cifar10.yaml").to(device).eval()
