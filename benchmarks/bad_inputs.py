@@ -77,9 +77,9 @@ def main() -> None:
     calib = save_calibration(tmp / "calib.pt", xs, ts, {"num_steps": STEPS, "skip_type": "quad"})
     fit_args = lambda run_dir, *extra: ["fit", "--config", str(ROOT / "configs/embedded/calibrate_k4.yaml"),  # noqa
                                         "--trainer.default_root_dir", str(run_dir), "--trainer.devices", "1",
-                                        "--trainer.strategy", "auto", "--model.init_args.calibration", str(calib),
-                                        "--model.init_args.num_steps", str(STEPS), "--model.init_args.k", "2",
-                                        "--model.init_args.cali_st", "2", "--model.init_args.cali_n", "6",
+                                        "--trainer.strategy", "auto", "--data.init_args.path", str(calib),
+                                        "--data.init_args.num_steps", str(STEPS), "--data.init_args.k", "2",
+                                        "--data.init_args.cali_st", "2", "--data.init_args.cali_n", "6",
                                         "--model.init_args.recon.cali_iters", "4",
                                         "--model.init_args.recon.cali_iters_a", "3", *extra]
     cli.main(fit_args(tmp / "calib_k2"))
@@ -115,8 +115,8 @@ def main() -> None:
     flipped = save_calibration(tmp / "ascending.pt", torch.cat([xs[:STEPS].flip(0), xs[STEPS:]]), ts.flip(0))
     case("2. calibration file with ts in ascending order (CalibrationDataModule)", lambda: datamodule(flipped))
     zeros = save_calibration(tmp / "zeros.pt", xs, torch.zeros_like(ts))
-    case("2. calibration file with all-zero ts (fit)", lambda: cli.main(fit_args(tmp / "z", "--model.init_args."
-                                                                                  "calibration", str(zeros))) and "")
+    case("2. calibration file with all-zero ts (fit)",
+         lambda: cli.main(fit_args(tmp / "z", "--data.init_args.path", str(zeros))) and "")
 
     sd = {k: v.clone() for k, v in fp.state_dict().items()}
     sd["mid.attn_1.q.weight"].view(-1)[7] = float("nan")
@@ -190,7 +190,7 @@ def main() -> None:
     torch.save({"x": Payload()}, last)
     case("9. `checkpoints/last.ckpt` replaced by a pickle payload, `--ckpt_path last`",
          lambda: cli.main(fit_args(k2, "--ckpt_path", "last")) and "")
-    case("9. missing calibration file", lambda: cli.main(fit_args(tmp / "m", "--model.init_args.calibration",
+    case("9. missing calibration file", lambda: cli.main(fit_args(tmp / "m", "--data.init_args.path",
                                                                   str(tmp / "nope.pt"))) and "")
     case("10. `recon.lr_w 0`", lambda: cli.main(fit_args(tmp / "lr", "--model.init_args.recon.lr_w", "0")) and "")
     case("10. `recon.cache_device gpu`",

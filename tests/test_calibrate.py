@@ -265,7 +265,7 @@ def test_same_weights_saved_another_way_are_the_same_model(world, tmp_path):
     # cali_n above the file's 8 trajectories fails only after the file's meta was accepted
     with pytest.raises(ValueError, match="cali_n=9 but the file holds 8 trajectories"):
         fit(world, tmp_path / "run", calibration=calib,
-            extra=["--model.init_args.checkpoint", str(resaved), "--model.init_args.cali_n", "9"])
+            extra=["--model.init_args.checkpoint", str(resaved), "--data.init_args.cali_n", "9"])
 
 
 def test_calibration_data_off_the_schedule_is_refused(world, tmp_path):
