@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 
 import cli
 from mmqdiff import pipeline
@@ -274,6 +275,16 @@ def test_calibration_data_off_the_schedule_is_refused(world, tmp_path):
                                          rf"at step index 0 \(trajectory 0\): the file has t=0, the schedule expects "
                                          rf"t={timesteps(NUM_STEPS, 'quad')[-1]}"):
         fit(world, tmp_path / "run", calibration=zeros)
+
+
+def test_model_on_another_diffusion_schedule_is_refused(world, tmp_path):
+    cfg = load_config(world["config"])
+    cfg["diffusion"]["num_diffusion_timesteps"] = 500
+    other = tmp_path / "model.yaml"
+    other.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=f"{other} diffuses over 500 timesteps but "
+                                         "data.init_args.num_diffusion_timesteps is 1000"):
+        fit(world, tmp_path / "run", extra=["--model.init_args.model_config", str(other)])
 
 
 def test_missing_calibration_file_is_named_by_the_project_check(world, tmp_path):
