@@ -34,7 +34,7 @@ def heldout_step_error(model_for_step: Callable[[int], nn.Module], fp_model: nn.
     device = next(fp_model.parameters()).device
     out = []
     for i in steps:
-        xs, ts = calib.xs[i][idx].float(), calib.ts[i][idx].float()
+        xs, ts = (v[idx].float() for v in calib.at_step(i))
         sq, n = 0.0, 0
         for start in range(0, len(idx), batch_size):
             x, t = xs[start:start + batch_size].to(device), ts[start:start + batch_size].to(device)
@@ -76,6 +76,7 @@ def heldout_error_of_run(run_dir: str | Path, calibration: str | Path, trajector
         raise ValueError(f"{calibration}: holds {calib.num_steps} steps, {run_dir} was calibrated for "
                          f"{manifest['num_steps']}")
     config = manifest["fp_model"]["config_dict"]
+    calib.check_schedule(timesteps(manifest["num_steps"], manifest["skip_type"], len(betas_from_config(config))))
     fp = build_model(config)
     load_checkpoint(fp, manifest["fp_model"]["checkpoint"]).eval()
     segments, models = load_segment_models(run_dir, fp)

@@ -3,7 +3,8 @@
 
 The manifest says what was run (segments, step and t ranges, bits, quant and reconstruction settings, FP model and
 calibration file with their SHA-256) and what it cost (wall time, peak memory, packed model bytes per segment).
-:func:`load_segment_models` turns a run folder back into K frozen quantized models for the K-model sampler.
+:func:`load_segment_models` turns a run folder back into K frozen quantized models for the K-model sampler;
+:func:`damaged_segments` and :func:`reexport_segments` find and rewrite segment files that went missing or changed.
 """
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ from typing import Any
 import torch
 
 from .data.segments import segment_of_step
-from .diffusion import build_model, file_sha256
-from .io import atomic_write_text
-from .quant import QuantizedUNet, config_from_state, load_packed, quantize_model
+from .diffusion import build_model, file_sha256, load_checkpoint, state_dict_sha256
+from .io import atomic_save, atomic_write_text, brief_error
+from .quant import (QuantConfig, QuantizedUNet, config_from_state, export_packed, load_packed, load_quant_state,
+                    packed_nbytes, quant_state_dict, quantize_model)
 
 FORMAT = "mmqdiff.calibration-run/1"
 MANIFEST_NAME = "manifest.json"
+LAST_CKPT = Path("checkpoints") / "last.ckpt"  # the run's Lightning checkpoint: every segment's quant state
+CKPT_KEY = "mmqdiff_calibration"  # where SegmentCalibration keeps its state inside that checkpoint
+SEGMENT_FILES = ("quant_state", "packed")
 REQUIRED = ("format", "k", "num_steps", "skip_type", "segments", "weight_bits", "act_bits", "quant_config",
             "reconstruction", "fp_model", "calibration", "wall_seconds", "peak_mem_kind")
 SEGMENT_REQUIRED = ("index", "steps", "t_range", "pairs", "quant_state", "packed", "sha256", "model_bytes",
@@ -28,6 +33,26 @@ SEGMENT_REQUIRED = ("index", "steps", "t_range", "pairs", "quant_state", "packed
 
 def segment_dir(run_dir: str | Path, segment: int) -> Path:
     return Path(run_dir) / f"segment_{segment:02d}"
+
+
+def cpu_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def write_segment_files(run_dir: str | Path, segment: int, qmodel: QuantizedUNet, quant_act: bool) -> dict[str, Any]:
+    """Write a calibrated segment model's ``quant_state.pt`` and ``packed.pt`` (atomically); their manifest entries:
+    paths relative to the run folder, file and content SHA-256 (the content hash survives a re-save), packed bytes."""
+    run_dir = Path(run_dir)
+    qmodel.set_quant_state(True, quant_act)
+    folder = segment_dir(run_dir, segment)
+    files = {"quant_state": folder / "quant_state.pt", "packed": folder / "packed.pt"}
+    states = {"quant_state": cpu_state(quant_state_dict(qmodel)), "packed": cpu_state(export_packed(qmodel))}
+    for kind, path in files.items():
+        atomic_save(states[kind], path)
+    return {**{k: str(p.relative_to(run_dir)) for k, p in files.items()},
+            "sha256": {k: file_sha256(p) for k, p in files.items()},
+            "content_sha256": {k: state_dict_sha256(v) for k, v in states.items()},
+            "model_bytes": packed_nbytes(states["packed"])}
 
 
 def _validate(manifest: Any, where: str) -> dict[str, Any]:
@@ -80,7 +105,20 @@ def _load_export(run_dir: Path, seg: dict[str, Any]) -> dict[str, Any]:
     if digest != seg["sha256"]["packed"]:
         raise ValueError(f"{path}: SHA-256 {digest} differs from the manifest's {seg['sha256']['packed']} "
                          "(file replaced or corrupted)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        export = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file that matches its recorded hash yet does not load: written so, or hash edited
+        raise ValueError(f"{path}: cannot be read as a packed export ({brief_error(e)})") from e
+    if not isinstance(export, dict):
+        raise ValueError(f"{path}: not a packed export (a {type(export).__name__})")
+    return export
+
+
+def run_identity(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a calibration run's segment models are, for records that must notice another run: each segment's steps
+    and its packed export's content hash (its file hash in manifests written before content hashes)."""
+    return [{"steps": seg["steps"], "packed": seg.get("content_sha256", {}).get("packed", seg["sha256"]["packed"])}
+            for seg in manifest["segments"]]
 
 
 def load_segment_models(run_dir: str | Path, fp_model: torch.nn.Module | None = None,
@@ -98,3 +136,57 @@ def load_segment_models(run_dir: str | Path, fp_model: torch.nn.Module | None = 
         models.append(load_packed(q, export).eval())
         ranges.append(range(*seg["steps"]))
     return ranges, models
+
+
+def damaged_segments(run_dir: str | Path, manifest: dict[str, Any] | None = None) -> dict[int, list[str]]:
+    """``{segment: [problem, ...]}`` for every segment file the manifest lists that is missing or whose SHA-256
+    differs from the recorded one; empty when the run's artefacts are all intact."""
+    run_dir = Path(run_dir)
+    manifest = manifest or read_manifest(run_dir)
+    damaged: dict[int, list[str]] = {}
+    for seg in manifest["segments"]:
+        for kind in SEGMENT_FILES:
+            path = run_dir / seg[kind]
+            problem = ("is missing" if not path.is_file() else
+                       "differs from its recorded SHA-256" if file_sha256(path) != seg["sha256"][kind] else None)
+            if problem:
+                damaged.setdefault(seg["index"], []).append(f"{path} {problem}")
+    return damaged
+
+
+def reexport_segments(run_dir: str | Path, segments: list[int]) -> None:
+    """Rewrite the files of ``segments`` from the run's ``checkpoints/last.ckpt`` (it holds every segment's final
+    quant state) and the FP checkpoint the manifest names, then record their new file hashes in the manifest.
+
+    The rewritten contents must hash to the recorded content SHA-256 (where the manifest has one), so a repaired
+    segment is the calibrated one, not an approximation; errors say what blocks the repair."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    ckpt_path = run_dir / LAST_CKPT
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)[CKPT_KEY]
+    except Exception as e:
+        raise ValueError(f"cannot re-export segment(s) {segments}: {ckpt_path} is unreadable ({brief_error(e)}); "
+                         "recalibrate the run (--model.init_args.overwrite true)") from e
+    signature, quant = state["signature"], QuantConfig(**manifest["quant_config"])
+    same_run = all(signature[a] == manifest[b] for a, b in (("quant", "quant_config"), ("seed", "seed"),
+                                                              ("units", "units"), ("k", "k")))
+    finished = state["next_item"] >= len(manifest["units"]) * (2 if quant.quant_act else 1)
+    if not (same_run and finished):
+        raise ValueError(f"cannot re-export segment(s) {segments}: {ckpt_path} is not the finished run the manifest "
+                         "describes; recalibrate the run (--model.init_args.overwrite true)")
+    fp_info = manifest["fp_model"]
+    fp = load_checkpoint(build_model(fp_info["config_dict"]), fp_info["checkpoint"]).eval()
+    if state_dict_sha256(fp) != fp_info["sha256"]:
+        raise ValueError(f"cannot re-export segment(s) {segments}: the FP weights in {fp_info['checkpoint']} are "
+                         "not the ones this run was calibrated from")
+    for s in segments:
+        qmodel = QuantizedUNet(fp, quant).eval()
+        load_quant_state(qmodel, state["segments"][s]["quant_state"])
+        seg = manifest["segments"][s]
+        entry = write_segment_files(run_dir, s, qmodel, quant.quant_act)
+        if seg.get("content_sha256", entry["content_sha256"]) != entry["content_sha256"]:
+            raise ValueError(f"segment {s}: re-exported from {ckpt_path}, its contents differ from the recorded ones; "
+                             "recalibrate the run (--model.init_args.overwrite true)")
+        seg.update(entry)
+    write_manifest(run_dir, {k: v for k, v in manifest.items() if k != "format"})

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from rich.console import Console
 from .diffusion import build_model
 from .evaluation import heldout_error_of_run
 from .io import atomic_write_text
-from .manifest import read_manifest
+from .manifest import damaged_segments, read_manifest, reexport_segments
 from .report import write_report
 
 console = Console(width=160)
@@ -34,11 +36,36 @@ PASSED_THROUGH = ("fid_std", "fid_chunks", "kid_chunks", "kid_chunk_std", "is_ch
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 
 
+class StageFailed(RuntimeError):
+    """A stage's process failed; the message ends with that process's own error message."""
+
+
+def child_error(stderr_tail: list[str]) -> str:
+    """The error message a failed Python process printed last: what follows the frames of its last traceback
+    (the exception line(s)), else its last non-empty lines."""
+    lines = [line.rstrip("\n") for line in stderr_tail]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        rest = lines[starts[-1] + 1:]
+        rest = rest[next((i for i, line in enumerate(rest) if not re.match(r"\s", line)), len(rest)):]
+        if any(line.strip() for line in rest):
+            return "\n".join(line for line in rest if line.strip())
+    return "\n".join([line for line in lines if line.strip()][-5:])
+
+
 def _stage(name: str, args: list[str], timings: dict[str, float]) -> None:
-    """Run one ``cli.py`` command as its own process and record its wall time under ``name``."""
+    """Run one ``cli.py`` command as its own process and record its wall time under ``name``. Its stderr is shown
+    as it comes and its tail kept, so a failure ends with the child's own error message (``StageFailed``)."""
     console.rule(f"[bold]{name}")
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(CLI), *args], check=True)
+    tail: deque[str] = deque(maxlen=200)
+    with subprocess.Popen([sys.executable, str(CLI), *args], stderr=subprocess.PIPE, text=True,
+                          errors="replace") as proc:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+    if proc.returncode != 0:
+        raise StageFailed(f"stage '{name}' failed (exit code {proc.returncode}):\n{child_error(list(tail))}")
     timings[name] = time.perf_counter() - start
     console.print(f"[green]{name}: {timings[name]:.1f} s")
 
@@ -53,8 +80,18 @@ def generate_calibration(cfg: dict[str, Any], timings: dict[str, float]) -> None
 
 
 def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, float]) -> None:
+    """Done when every file the run's manifest lists is intact; damaged segments are re-exported from the run's
+    checkpoint (only those); an unfinished run is resumed; otherwise the calibration runs."""
     run_dir = Path(run["run_dir"])
     if (run_dir / "manifest.json").is_file():
+        damaged = damaged_segments(run_dir)
+        for problems in damaged.values():
+            for problem in problems:
+                console.print(f"{run['name']}: {problem}", style="yellow", markup=False, soft_wrap=True)
+        if damaged:
+            reexport_segments(run_dir, sorted(damaged))
+            console.print(f"{run['name']}: re-exported segment(s) {sorted(damaged)} from the run's checkpoint",
+                          soft_wrap=True)
         console.print(f"{run['name']}: calibration present in {run_dir}")
         return
     args = ["fit", "--config", run["config"], "--trainer.default_root_dir", str(run_dir),
@@ -183,4 +220,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except StageFailed as e:
+        print(f"pipeline stopped: {e}", file=sys.stderr)  # plain: the child's message may contain [brackets]
+        sys.exit(1)

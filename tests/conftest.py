@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import fcntl
+import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -26,3 +30,14 @@ def one_thread():
 def tiny_model() -> Model:
     torch.manual_seed(0)
     return Model(**TINY).eval()
+
+
+@contextmanager
+def foreign_lock(path: Path) -> Iterator[None]:
+    """``path`` held the way another live run holds its lock file: an exclusive flock on a file naming its owner."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps({"pid": 4242, "host": "elsewhere", "started": "earlier", "command": "cli.py fit"}))
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield

@@ -2,6 +2,7 @@
 own trajectories: outputs and manifest, logs, equality with ``mmqdiff.quant.calibrate``, bad inputs, and (slow)
 kill/resume bit-identity and 2-process parallel == sequential."""
 import csv
+import json
 import os
 import shutil
 import signal
@@ -10,18 +11,25 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+import yaml
 
 import cli
 from mmqdiff import pipeline
 from mmqdiff.data import CalibrationFile, load_calibration, record_trajectories, save_calibration, select_steps
-from mmqdiff.diffusion import build_model, file_sha256, linear_betas, load_checkpoint, load_config, timesteps
+from mmqdiff.diffusion import (build_model, file_sha256, linear_betas, load_checkpoint, load_config,
+                               state_dict_sha256, timesteps)
 from mmqdiff.evaluation import heldout_error_of_run, heldout_step_error
+from mmqdiff.io import check_writable
 from mmqdiff.lightning.calibrate import SegmentCalibration
-from mmqdiff.manifest import load_segment_models, read_manifest
+from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter
+from mmqdiff.manifest import damaged_segments, load_segment_models, read_manifest
 from mmqdiff.quant import QuantConfig, ReconSettings, calibrate, packed_nbytes, quant_state_dict
 from mmqdiff.quant.reconstruction import NonFiniteLossError
+
+from .conftest import foreign_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/embedded/calibrate_k4.yaml"
@@ -37,10 +45,10 @@ def world(tmp_path_factory):
     with torch.no_grad():
         xs, ts = record_trajectories(model, range(8), 0, timesteps(NUM_STEPS, "quad"), linear_betas(), 0.0,
                                      (3, 16, 16))
-    meta = {"model_sha256": file_sha256(checkpoint), "num_steps": NUM_STEPS, "skip_type": "quad"}
+    meta = {"num_steps": NUM_STEPS, "skip_type": "quad"}
     save_calibration(d / "calib.pt", xs, ts, meta)
     return {"config": config, "checkpoint": checkpoint, "calibration": d / "calib.pt", "xs": xs, "ts": ts,
-            "meta": meta}
+            "meta": meta, "model": model}
 
 
 def args(world, run_dir, k=2, iters=4, iters_a=3, calibration=None, extra=()):
@@ -84,7 +92,8 @@ def test_manifest_describes_the_run(world, finished):
     assert [s["steps"] for s in m["segments"]] == [[0, 5], [5, 10]]
     seq = timesteps(NUM_STEPS, "quad")
     assert m["segments"][0]["t_range"] == [seq[-1], seq[5]] and m["segments"][1]["t_range"] == [seq[4], seq[0]]
-    assert m["fp_model"]["sha256"] == file_sha256(world["checkpoint"])
+    assert m["fp_model"]["sha256"] == state_dict_sha256(world["model"])
+    assert m["fp_model"]["file_sha256"] == file_sha256(world["checkpoint"])
     assert m["fp_model"]["config_dict"] == load_config(world["config"])
     assert m["calibration"]["sha256"] == file_sha256(world["calibration"])
     assert m["calibration"]["meta"] == world["meta"]
@@ -223,7 +232,7 @@ def test_unwritable_output_folder_is_refused(world, tmp_path):
     with pytest.raises(OSError, match=str(blocker)):  # from the first writer (the CLI's config.yaml, or our probe)
         fit(world, blocker / "run")
     with pytest.raises(PermissionError, match="output folder .* is not writable"):  # the module's own check
-        SegmentCalibration._check_writable(blocker / "run", 0)
+        check_writable(blocker / "run")
 
 
 def test_non_finite_loss_stops_at_the_unit_and_keeps_the_last_good_checkpoint(world, tmp_path):
@@ -237,6 +246,137 @@ def test_non_finite_loss_stops_at_the_unit_and_keeps_the_last_good_checkpoint(wo
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["mmqdiff_calibration"]
     assert ckpt["signature"]["units"].index(unit) == ckpt["next_item"] > 0  # every earlier unit is saved
     assert not (run_dir / "manifest.json").exists()
+
+
+# --- reliability: identity, schedule, locks, damaged artefacts ----------------------------------------------------
+
+def copy_run(finished, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished[0], run_dir)
+    return run_dir
+
+
+def test_same_weights_saved_another_way_are_the_same_model(world, tmp_path):
+    """Model identity is the loaded weights: a calibration file made for the shipped checkpoint is accepted with the
+    same weights re-saved as a Lightning checkpoint."""
+    resaved = tmp_path / "resaved.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in world["model"].state_dict().items()}}, resaved)
+    calib = save_calibration(tmp_path / "calib.pt", world["xs"], world["ts"],
+                             {**world["meta"], "model_sha256": state_dict_sha256(world["model"])})
+    # cali_n above the file's 8 trajectories fails only after the file's meta was accepted
+    with pytest.raises(ValueError, match="cali_n=9 but the file holds 8 trajectories"):
+        fit(world, tmp_path / "run", calibration=calib,
+            extra=["--model.init_args.checkpoint", str(resaved), "--data.init_args.cali_n", "9"])
+
+
+def test_calibration_data_off_the_schedule_is_refused(world, tmp_path):
+    zeros = save_calibration(tmp_path / "zeros.pt", world["xs"], torch.zeros_like(world["ts"]), world["meta"])
+    with pytest.raises(ValueError, match=rf"zeros.pt: 'ts' does not follow the sampling schedule: first difference "
+                                         rf"at step index 0 \(trajectory 0\): the file has t=0, the schedule expects "
+                                         rf"t={timesteps(NUM_STEPS, 'quad')[-1]}"):
+        fit(world, tmp_path / "run", calibration=zeros)
+
+
+def test_model_on_another_diffusion_schedule_is_refused(world, tmp_path):
+    cfg = load_config(world["config"])
+    cfg["diffusion"]["num_diffusion_timesteps"] = 500
+    other = tmp_path / "model.yaml"
+    other.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=f"{other} diffuses over 500 timesteps but "
+                                         "data.init_args.num_diffusion_timesteps is 1000"):
+        fit(world, tmp_path / "run", extra=["--model.init_args.model_config", str(other)])
+
+
+def test_missing_calibration_file_is_named_by_the_project_check(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"calibration file not found: {tmp_path / 'nope.pt'}"):
+        fit(world, tmp_path / "run", calibration=tmp_path / "nope.pt")
+
+
+def test_locked_run_folder_is_refused_and_left_alone(world, finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with foreign_lock(run_dir / "mmqdiff.lock"):
+        with pytest.raises(RuntimeError, match=f"calibration run folder {run_dir} is in use by pid 4242 on host "
+                                               "elsewhere"):
+            fit(world, run_dir, extra=["--model.init_args.overwrite", "true"])
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != "mmqdiff.lock"} == before
+
+
+def test_sampling_a_calibration_run_into_an_fp_folder_is_refused(world, finished, tmp_path):
+    out = tmp_path / "samples"
+
+    def sample(calibration_run):
+        sampler = MultiModelSampler(str(world["config"]), str(world["checkpoint"]), calibration_run=calibration_run,
+                                    num_steps=NUM_STEPS, fp_error_images=0, real_source=None)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            callbacks=[SampleWriter()], default_root_dir=out)
+        trainer.predict(sampler, datamodule=SampleIndices(1, 1, str(out)), return_predictions=False)
+
+    sample(None)
+    fp_image = (out / "images" / "000000.png").read_bytes()
+    with pytest.raises(ValueError, match=r"holds images sampled with other settings: \['calibration_run'\] differ "
+                                         r"\(calibration_run: folder null, now \[\{"):
+        sample(str(finished[0]))
+    assert (out / "images" / "000000.png").read_bytes() == fp_image
+
+
+@pytest.mark.parametrize("damage", ["delete packed", "change quant_state"])
+def test_pipeline_redoes_only_the_damaged_segment(world, finished, tmp_path, capsys, damage):
+    run_dir = copy_run(finished, tmp_path)
+    kind = damage.split()[1]
+    path = run_dir / "segment_01" / f"{kind}.pt"
+    path.unlink() if damage.startswith("delete") else path.write_bytes(path.read_bytes()[:-1] + b"x")
+    untouched = {p: p.read_bytes() for p in (run_dir / "segment_00").iterdir()}
+    timings = {}
+    pipeline.calibrate({"name": "K=2", "run_dir": str(run_dir), "config": str(CONFIG)}, str(world["calibration"]),
+                       timings)
+    assert timings == {}  # no calibration process was started
+    problem = "is missing" if damage.startswith("delete") else "differs from its recorded SHA-256"
+    assert f"K=2: {path} {problem}" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in (run_dir / "segment_00").iterdir()} == untouched
+    for name in ("quant_state.pt", "packed.pt"):
+        assert tensors_equal(torch.load(run_dir / "segment_01" / name, weights_only=True),
+                             torch.load(finished[0] / "segment_01" / name, weights_only=True))
+    assert damaged_segments(run_dir) == {}
+    load_segment_models(run_dir)  # hash-checked against the updated manifest
+
+
+def test_unreadable_packed_export_names_the_file(finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    packed = run_dir / "segment_01" / "packed.pt"
+    packed.write_bytes(b"PK\x03\x04 not a torch file")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["segments"][1]["sha256"]["packed"] = file_sha256(packed)  # hash updated with it: only loading can tell
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"{packed}: cannot be read as a packed export"):
+        load_segment_models(run_dir)
+
+
+class Payload:
+    def __reduce__(self):
+        return print, ("payload ran",)
+
+
+def test_damaged_last_checkpoint_is_named_and_the_previous_one_resumes(world, finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path)
+    last, previous = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "previous.ckpt"
+    assert torch.load(previous, weights_only=True)["mmqdiff_calibration"]["next_item"] == 2 * UNITS - 1
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"{last}: cannot be read as a calibration checkpoint \(.*\); the previous "
+                                         rf"checkpoint is kept: resume from it with --ckpt_path {previous}"):
+        fit(world, run_dir, extra=["--ckpt_path", "last"])
+    fit(world, run_dir, extra=["--ckpt_path", str(previous)])  # the advice: redoes the last work item only
+    for a, b in zip(artefacts(run_dir, 2), artefacts(finished[0], 2)):
+        assert tensors_equal(a, b)
+    torch.save({"x": Payload()}, last)  # tampered: refused by weights-only loading, never run
+    with pytest.raises(ValueError, match=rf"{last}: cannot be read as a calibration checkpoint \(UnpicklingError: "
+                                         r"weights-only loading refused it: Unsupported global: GLOBAL print"):
+        fit(world, run_dir, extra=["--ckpt_path", "last"])
+    previous.unlink()
+    last.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=rf"{last}: cannot be read .* no earlier checkpoint is kept, so the run must "
+                                         r"start over \(--model.init_args.overwrite true\)"):
+        fit(world, run_dir, extra=["--ckpt_path", "last"])
 
 
 # --- slow: real processes -----------------------------------------------------------------------------------------
@@ -288,6 +428,20 @@ def test_killed_run_resumes_bit_identical(world, sequential, tmp_path):
     finish(run_cli([*cli_args, "--ckpt_path", "last"]))
     for a, b in zip(artefacts(run_dir, SLOW_K), artefacts(sequential, SLOW_K)):
         assert tensors_equal(a, b)
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_on_one_folder_one_is_refused(world, sequential, tmp_path):
+    run_dir = tmp_path / "run"
+    procs = [run_cli(args(world, run_dir, k=SLOW_K, iters=SLOW_ITERS, iters_a=20)) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes[0] == 0 and codes[1] != 0, [o[-1500:] for o in outs]
+    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    assert f"calibration run folder {run_dir} is in use by pid {procs[winner].pid}" in outs[loser], outs[loser][-2000:]
+    for a, b in zip(artefacts(run_dir, SLOW_K), artefacts(sequential, SLOW_K)):
+        assert tensors_equal(a, b)
+    assert not (run_dir / "mmqdiff.lock").exists()
 
 
 @pytest.mark.slow

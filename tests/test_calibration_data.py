@@ -8,20 +8,28 @@ import yaml
 import cli
 from mmqdiff.data import (load_calibration, read_calibration_meta, record_trajectories, save_calibration,
                           select_steps, timestep_segments, trajectory_generator)
-from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_betas, timesteps
+from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_betas, state_dict_sha256, timesteps
 from mmqdiff.lightning.calib_data import CalibrationDataModule
 from mmqdiff.lightning.generate import CalibrationGenerator, CalibrationWriter, TrajectoryDataModule
+
+from .conftest import foreign_lock
 
 IMG = (3, 2, 2)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def t_of_step(num_steps):
+    """The t of each step index of the quad schedule (index 0 = noisiest)."""
+    return torch.tensor(timesteps(num_steps, "quad")[::-1], dtype=torch.float32)
+
+
 def encoded(num_steps=100, n=6, extra_x=True):
-    """xs[i][j] is filled with 1000 i + j and ts[i][j] = 1000 - i, so every selected entry tells where it came from."""
+    """xs[i][j] is filled with 1000 i + j, so every selected entry tells where it came from; ts[i][j] is the t of
+    step i in the quad schedule."""
     i = torch.arange(num_steps + extra_x, dtype=torch.float32)[:, None]
     j = torch.arange(n, dtype=torch.float32)[None, :]
     xs = (1000 * i + j)[:, :, None, None, None].expand(-1, -1, *IMG).clone()
-    ts = (1000 - i[:num_steps]).expand(-1, n).clone()
+    ts = t_of_step(num_steps)[:, None].expand(-1, n).clone()
     return xs, ts
 
 
@@ -81,7 +89,7 @@ def test_segment_selection_stays_in_segment(tmp_path):
         step, traj = (x[:, 0, 0, 0] // 1000).long(), (x[:, 0, 0, 0] % 1000).long()
         assert step.unique().tolist() == select_steps(seg, 5)
         assert traj.tolist() == [0, 1, 2] * len(select_steps(seg, 5))
-        assert torch.equal(t, 1000 - step.float())
+        assert torch.equal(t, t_of_step(100)[step])
 
 
 def test_ts_long_and_float_give_float32(tmp_path):
@@ -169,7 +177,9 @@ def test_datamodule_serves_segment(tmp_path, capsys):
     x, t = dm.pairs(1)
     assert torch.equal(x, load_calibration(path, 5, 3, steps=range(25, 50))[0])
     assert list(dm.selected) == [1] and torch.equal(dm.selected[1][0], x) and torch.equal(dm.selected[1][1], t)
-    assert dm.summary == [{"segment": 1, "steps": (25, 49), "selected_steps": 5, "t_range": (975, 955), "pairs": 15}]
+    t_step = t_of_step(100).long().tolist()
+    assert dm.summary == [{"segment": 1, "steps": (25, 49), "selected_steps": 5,
+                           "t_range": (t_step[25], t_step[45]), "pairs": 15}]
     # one element per training step, each the segment's whole pair set, for as long as the module asks
     stream = iter(dm.train_dataloader())
     for _ in range(3):
@@ -216,6 +226,55 @@ def test_file_meta_mismatch_on_num_steps(tmp_path):
         CalibrationDataModule(str(path), num_steps=10, cali_st=5, cali_n=2).setup()
 
 
+# --- ts against the sampling schedule --------------------------------------------------------------------------------
+
+def datamodule(path, num_steps=10, skip_type="quad", **kw):
+    dm = CalibrationDataModule(str(path), num_steps=num_steps, k=2, segment=[0, 1], cali_st=5, cali_n=2,
+                               skip_type=skip_type, **kw)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("edit, step, traj, got", [
+    (lambda ts: ts.zero_(), 0, 0, 0),                             # all-zero ts
+    (lambda ts: ts[4, 3].fill_(1), 4, 3, 1),                      # one entry off
+    (lambda ts: ts.copy_(1000 - torch.arange(10.0)[:, None]), 0, 0, 1000),  # another schedule
+])
+def test_ts_that_do_not_follow_the_schedule_are_refused(tmp_path, edit, step, traj, got):
+    xs, ts = encoded(10)
+    edit(ts)
+    path = save_calibration(tmp_path / "c.pt", xs, ts)
+    want = int(t_of_step(10)[step])
+    with pytest.raises(ValueError, match=rf"c.pt: 'ts' does not follow the sampling schedule: first difference at "
+                                         rf"step index {step} \(trajectory {traj}\): the file has t={got}, the "
+                                         rf"schedule expects t={want}"):
+        datamodule(path)
+
+
+def test_ts_for_another_skip_type_are_refused(tmp_path):
+    path = save_calibration(tmp_path / "c.pt", *encoded(10))  # quad
+    with pytest.raises(ValueError, match="first difference at step index 0 .* the file has t=800, the schedule "
+                                         "expects t=900"):
+        datamodule(path, skip_type="uniform")
+
+
+def test_ascending_file_is_reindexed_explicitly(tmp_path, caplog):
+    xs, ts = encoded(10)
+    descending = save_calibration(tmp_path / "desc.pt", xs, ts)
+    # the other convention: entries in ascending t, xs[i] still paired with ts[i] (the final sample stays last)
+    ascending = save_calibration(tmp_path / "asc.pt", torch.cat([xs[:10].flip(0), xs[10:]]), ts.flip(0))
+    with caplog.at_level(logging.WARNING, logger="mmqdiff.data.calibration"):
+        asc = datamodule(ascending)
+    assert "asc.pt: ts run in ascending order (t=0 first); re-indexed so that step index 0 is the noisiest step " \
+           "(t=800)" in caplog.text
+    desc = datamodule(descending)
+    assert "desc.pt" not in caplog.text
+    for s in (0, 1):
+        got, want = asc.pairs(s), desc.pairs(s)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert asc.summary == desc.summary and desc.summary[0]["t_range"] == (800, int(t_of_step(10)[4]))
+
+
 # --- generator ------------------------------------------------------------------------------------------------------
 
 TINY = {"data": {"image_size": 8, "channels": 3},
@@ -234,9 +293,10 @@ def tiny(tmp_path_factory):
     return model, str(d / "tiny.yaml"), str(d / "tiny.pt")
 
 
-def generate(tiny, path, batch_size, n=5, num_steps=4, seed=3, eta=0.0):
+def generate(tiny, path, batch_size, n=5, num_steps=4, seed=3, eta=0.0, checkpoint=None):
     from lightning.pytorch import Trainer
     _, config, ckpt = tiny
+    ckpt = checkpoint or ckpt
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[CalibrationWriter(str(path))],
                       default_root_dir=str(path.parent))
@@ -255,9 +315,9 @@ def test_generator_matches_ddim_sample_and_reads_back(tiny, tmp_path):
               "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks.init_args.path", str(path)])
     obj = torch.load(path, weights_only=True)
     assert obj["xs"].shape == (5, 5, 3, 8, 8) and obj["ts"].shape == (4, 5) and obj["ts"].dtype == torch.float32
-    assert obj["meta"] == {"model_sha256": file_sha256(ckpt), "checkpoint": ckpt, "config": config, "num_steps": 4,
-                           "skip_type": "quad", "eta": 0.0, "seed": 3, "image_shape": [3, 8, 8],
-                           "num_trajectories": 5}
+    assert obj["meta"] == {"model_sha256": state_dict_sha256(model), "checkpoint_sha256": file_sha256(ckpt),
+                           "checkpoint": ckpt, "config": config, "num_steps": 4, "skip_type": "quad", "eta": 0.0,
+                           "seed": 3, "image_shape": [3, 8, 8], "num_trajectories": 5}
     seq = timesteps(4, "quad")
     for batch in ([0, 1], [2, 3], [4]):  # same batches as the run, so the arithmetic is identical
         x_T = torch.cat([torch.randn((1, 3, 8, 8), generator=trajectory_generator(3, j)) for j in batch])
@@ -289,6 +349,46 @@ def test_eta_noise_is_per_trajectory(tiny):
         x_T = torch.randn((1, 3, 8, 8), generator=g)
         alone = ddim_sample(lambda i: model, x_T, seq, betas, eta=0.5, generator=g)
         torch.testing.assert_close(batch[-1, col:col + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_diverging_trajectories_are_not_written(tiny, tmp_path):
+    model = tiny[0]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["conv_out.weight"] *= 1e36  # finite weights whose noise prediction overflows float32
+    torch.save(sd, tmp_path / "huge.pt")
+    path = tmp_path / "gen.pt"
+    with pytest.raises(ValueError, match=r"gen.pt: not written: trajectory 0 holds non-finite values \(first at "
+                                         r"(step index [1-3]|the final sample)\)"):
+        generate(tiny, path, batch_size=5, checkpoint=str(tmp_path / "huge.pt"))
+    assert not path.exists()
+
+
+@pytest.fixture
+def counted_steps(monkeypatch):
+    """How many batches the generator ran."""
+    calls = []
+    step = CalibrationGenerator.predict_step
+    monkeypatch.setattr(CalibrationGenerator, "predict_step", lambda self, *a: calls.append(1) or step(self, *a))
+    return calls
+
+
+def test_unwritable_target_fails_before_any_trajectory(tiny, tmp_path, counted_steps):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match=str(blocker)):
+        generate(tiny, blocker / "gen.pt", batch_size=2)
+    assert counted_steps == []
+
+
+def test_locked_target_is_refused_before_any_trajectory(tiny, tmp_path, counted_steps):
+    path = tmp_path / "gen.pt"
+    with foreign_lock(tmp_path / "gen.pt.lock"):
+        with pytest.raises(RuntimeError, match=f"calibration-data target {path} is in use by pid 4242 on host "
+                                               "elsewhere"):
+            generate(tiny, path, batch_size=2)
+    assert counted_steps == [] and not path.exists()
+    generate(tiny, path, batch_size=5)
+    assert counted_steps == [1] and not (tmp_path / "gen.pt.lock").exists()
 
 
 def test_writer_rejects_missing_or_repeated_indices(tmp_path):

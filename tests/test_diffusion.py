@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmqdiff.diffusion import (Model, build_model, ddim_sample, ddim_step, eps_sensitivity, file_sha256, linear_betas,
-                               load_checkpoint, step_pairs, timesteps)
+                               load_checkpoint, state_dict_sha256, step_pairs, timesteps)
 from mmqdiff.lightning.train import export_state_dict
 
 from .conftest import ROOT, TINY
@@ -73,6 +73,39 @@ def test_load_errors_missing_truncated_and_not_a_state_dict(tmp_path):
     torch.save({"a": 1}, tmp_path / "dict.pt")
     with pytest.raises(ValueError, match="dict.pt: not a model state_dict"):
         load_checkpoint(Model(**TINY), tmp_path / "dict.pt")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tiny_model, tmp_path, value):
+    sd = dict(tiny_model.state_dict())
+    sd["mid.block_1.conv1.weight"] = sd["mid.block_1.conv1.weight"].clone()
+    sd["mid.block_1.conv1.weight"].view(-1)[[5, 9]] = value
+    path = tmp_path / "nan.pt"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=rf"nan.pt: tensor 'mid.block_1.conv1.weight' holds 2 non-finite value\(s\) "
+                                         rf"of \d+ \(first: {value} at flat index 5\)"):
+        load_checkpoint(Model(**TINY), path)
+
+
+def test_state_dict_sha256_identifies_weights_not_file_bytes(tiny_model, tmp_path):
+    sd = tiny_model.state_dict()
+    digest = state_dict_sha256(tiny_model)
+    # the same weights as a plain state_dict, a Lightning checkpoint and an ermongroup list load to the same identity
+    torch.save(sd, tmp_path / "plain.pt")
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "l.ckpt")
+    torch.save([{}, {}, 0, 0, dict(sd)], tmp_path / "ermon.pth")
+    files = [tmp_path / n for n in ("plain.pt", "l.ckpt", "ermon.pth")]
+    assert len({file_sha256(f) for f in files}) == 3
+    assert {state_dict_sha256(load_checkpoint(Model(**TINY), f)) for f in files} == {digest}
+    assert state_dict_sha256(dict(reversed(list(sd.items())))) == digest  # order of entries does not matter
+    # any value, dtype or name change is another model
+    changed = {k: v.clone() for k, v in sd.items()}
+    changed["conv_out.bias"][0] = torch.nextafter(changed["conv_out.bias"][0], torch.tensor(1.0))
+    assert state_dict_sha256(changed) != digest
+    assert state_dict_sha256({**sd, "conv_out.bias": sd["conv_out.bias"].double()}) != digest
+    renamed = dict(sd)
+    renamed["conv_out.bias2"] = renamed.pop("conv_out.bias")
+    assert state_dict_sha256(renamed) != digest
 
 
 def test_timestep_sequences_match_reference_rule():

@@ -21,6 +21,18 @@ def test_pack_unpack_round_trip(bits):
     assert torch.equal(unpack_codes(packed, bits, 1001), codes.to(torch.int32))
 
 
+@pytest.mark.parametrize("bits", [9, 12, 16])
+def test_codes_above_8_bits_take_two_bytes_and_survive_weights_only_save(bits):
+    codes = torch.randint(0, 2 ** bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    codes[:2] = torch.tensor([0, 2 ** bits - 1])  # both ends of the unsigned range
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint16 and packed.numel() == 1001 and packed_nbytes({"c": packed}) == 2002
+    buf = io.BytesIO()
+    torch.save({"c": packed}, buf)
+    buf.seek(0)
+    assert torch.equal(unpack_codes(torch.load(buf, weights_only=True)["c"], bits, 1001), codes.to(torch.int32))
+
+
 def test_two_4bit_codes_per_byte_low_nibble_first():
     assert pack_codes(torch.tensor([1, 2, 15]), 4).tolist() == [0x21, 0x0F]
 
@@ -81,6 +93,19 @@ def test_load_packed_validates(calibrated):
         load_packed(fresh, {**export, "format": "other"})
     with pytest.raises(ValueError, match="config.keep_first_last_8bit"):
         load_packed(quantize_model(build_model("configs/embedded.yaml")), export)
+
+
+def test_16_bit_export_counts_two_bytes_per_weight():
+    q = quantize_model(build_model("configs/embedded.yaml"), QuantConfig(weight_bits=16, act_bits=16))
+    export = export_packed(q)
+    layers = [m for m in q.model.modules() if isinstance(m, QuantLayer)]
+    codes = {k: v for k, v in export.items() if k.endswith(".codes")}
+    assert {v.dtype for v in codes.values()} == {torch.uint16}
+    assert sum(v.numel() * v.element_size() for v in codes.values()) == 2 * sum(m.weight.numel() for m in layers)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 500.0])
+    fresh = load_packed(quantize_model(build_model("configs/embedded.yaml"), config_from_state(export)).eval(), export)
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t), q.eval()(x, t))
 
 
 def test_export_refuses_soft_rounding():

@@ -76,3 +76,26 @@ def test_equal_compute_pairs_are_checked(monkeypatch):
     runs[1]["equal_compute_to"] = "K=8"
     with pytest.raises(ValueError, match="'K=8', which is not among"):
         pipeline.check_equal_compute(runs)
+
+
+def test_failed_stage_ends_with_the_childs_own_error(tmp_path, monkeypatch, capsys):
+    child = tmp_path / "cli.py"
+    child.write_text("import sys\n"
+                     "print('progress line', flush=True)\n"
+                     "sys.stderr.write('a warning\\n')\n"
+                     "try:\n    open('/nonexistent/x')\nexcept OSError as e:\n"
+                     "    raise ValueError('outputs/calib_k4/segment_01/packed.pt is missing\\nrerun with [brackets]') "
+                     "from e\n")
+    monkeypatch.setattr(pipeline, "CLI", child)
+    timings = {}
+    with pytest.raises(RuntimeError) as failure:
+        pipeline._stage("sample K=4", ["predict"], timings)
+    assert str(failure.value) == ("stage 'sample K=4' failed (exit code 1):\n"
+                                  "ValueError: outputs/calib_k4/segment_01/packed.pt is missing\n"
+                                  "rerun with [brackets]")
+    assert timings == {} and "a warning" in capsys.readouterr().err  # stderr still shown as it came
+
+
+def test_child_error_without_traceback_is_its_last_lines():
+    assert pipeline.child_error(["noise\n", "usage: cli.py ...\n", "error: unrecognized arguments: --x\n", "\n"]) == \
+        "noise\nusage: cli.py ...\nerror: unrecognized arguments: --x"

@@ -133,3 +133,17 @@ def test_settings_are_validated():
         ReconSettings(cache_dtype="int8")
     with pytest.raises(ValueError, match="cali_iters"):
         ReconSettings(cali_iters=0)
+
+
+@pytest.mark.parametrize("kwargs, key", [({"lr_w": 0.0}, "lr_w"), ({"lr_w": -1e-3}, "lr_w"), ({"lr_a": 0}, "lr_a"),
+                                         ({"lr_a": float("nan")}, "lr_a"), ({"lr_w": float("inf")}, "lr_w"),
+                                         ({"cache_device": "gpu"}, "cache_device"),
+                                         ({"cache_device": "cuda:x"}, "cache_device")])
+def test_learning_rates_and_cache_device_are_validated_by_key(kwargs, key):
+    with pytest.raises(ValueError, match=rf"ReconSettings\.{key} .* got {kwargs[key]!r}"):
+        ReconSettings(**kwargs)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "meta"])
+def test_valid_cache_devices_pass(device):
+    assert ReconSettings(cache_device=device).cache_device == device  # parsed, not allocated: no GPU needed

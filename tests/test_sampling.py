@@ -1,6 +1,8 @@
 """K-model switching in the sampler, and the resumable sampling predict."""
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 
@@ -10,10 +12,11 @@ import torch
 import yaml
 
 from mmqdiff.data import segment_of_step, timestep_segments
-from mmqdiff.diffusion import ddim_sample, linear_betas, segment_switch, timesteps
+from mmqdiff.diffusion import Model, ddim_sample, linear_betas, segment_switch, timesteps
+from mmqdiff.io import write_png
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter, load_samples
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, foreign_lock
 
 
 class Recorder(torch.nn.Module):
@@ -48,12 +51,13 @@ def _write_tiny(tmp_path, tiny_model):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({"model": TINY}))
 
 
-def _sample(tmp_path, out, num_images, batch_size=1):
-    sampler = MultiModelSampler(str(tmp_path / "tiny.yaml"), str(tmp_path / "tiny.pt"), num_steps=4,
-                                real_source=None)
+def _sample(tmp_path, out, num_images, batch_size=1, checkpoint="tiny.pt", overwrite=False, **settings):
+    sampler = MultiModelSampler(str(tmp_path / "tiny.yaml"), str(tmp_path / checkpoint),
+                                **{"num_steps": 4, **settings}, real_source=None)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         callbacks=[SampleWriter()], default_root_dir=out)
-    trainer.predict(sampler, datamodule=SampleIndices(num_images, batch_size, str(out)), return_predictions=False)
+    data = SampleIndices(num_images, batch_size, str(out), **({"overwrite": True} if overwrite else {}))
+    trainer.predict(sampler, datamodule=data, return_predictions=False)
 
 
 def test_interrupted_sampling_resumes_without_duplicates(tmp_path, tiny_model):
@@ -73,6 +77,97 @@ def test_interrupted_sampling_resumes_without_duplicates(tmp_path, tiny_model):
     # noise depends only on (seed, index); batch size 1 keeps the arithmetic identical too
     assert torch.equal(full_idx, part_idx) and torch.equal(full, part)
     assert (tmp_path / "full/grid.png").is_file()
+
+
+def _pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted((folder / "images").glob("*.png"))}
+
+
+@pytest.mark.parametrize("change, key, shown", [
+    ({"seed": 7}, "seed", "folder 1234, now 7"), ({"eta": 0.5}, "eta", "folder 0.0, now 0.5"),
+    ({"num_steps": 3}, "num_steps", "folder 4, now 3"), ({"skip_type": "uniform"}, "skip_type", 'folder "quad"'),
+    ({"checkpoint": "other.pt"}, "fp_model", "folder \"[0-9a-f]{20}"),
+])
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path, tiny_model, change, key, shown):
+    _write_tiny(tmp_path, tiny_model)
+    torch.manual_seed(1)
+    torch.save(Model(**TINY).state_dict(), tmp_path / "other.pt")  # other weights
+    out = tmp_path / "out"
+    _sample(tmp_path, out, 2)
+    before = _pngs(out)
+    with pytest.raises(ValueError, match=rf"{out} holds images sampled with other settings: \['{key}'\] "
+                                                   rf"differ \({key}: {shown}.*--data.init_args.overwrite true"):
+        _sample(tmp_path, out, 3, **change)
+    assert _pngs(out) == before  # nothing added, nothing relabelled
+    assert json.loads((out / "sampling.json").read_text())["identity"]["seed"] == 1234
+
+
+def test_same_weights_in_another_file_format_resume(tmp_path, tiny_model):
+    _write_tiny(tmp_path, tiny_model)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in tiny_model.state_dict().items()}}, tmp_path / "tiny.ckpt")
+    _sample(tmp_path, tmp_path / "full", 3)
+    _sample(tmp_path, tmp_path / "part", 2)
+    _sample(tmp_path, tmp_path / "part", 3, checkpoint="tiny.ckpt")
+    assert torch.equal(load_samples(tmp_path / "part")[0], load_samples(tmp_path / "full")[0])
+
+
+def test_overwrite_deletes_images_of_other_settings_and_samples_anew(tmp_path, tiny_model):
+    _write_tiny(tmp_path, tiny_model)
+    _sample(tmp_path, tmp_path / "fresh", 2, seed=7)
+    out = tmp_path / "out"
+    _sample(tmp_path, out, 3)
+    _sample(tmp_path, out, 2, seed=7, overwrite=True)
+    assert _pngs(out) == _pngs(tmp_path / "fresh")  # image 2 of the old settings is gone too
+    assert json.loads((out / "sampling.json").read_text())["identity"]["seed"] == 7
+
+
+def test_images_without_a_record_are_refused(tmp_path, tiny_model):
+    _write_tiny(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    write_png(out / "images" / "000000.png", torch.zeros(3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="holds images but no sampling.json"):
+        _sample(tmp_path, out, 2)
+
+
+def test_damaged_images_are_sampled_again(tmp_path, tiny_model, caplog):
+    _write_tiny(tmp_path, tiny_model)
+    _sample(tmp_path, tmp_path / "full", 4)
+    out = tmp_path / "part"
+    _sample(tmp_path, out, 4)
+    images = out / "images"
+    (images / "000000.png").write_bytes(b"")
+    (images / "000001.png").write_bytes((images / "000001.png").read_bytes()[:60])
+    write_png(images / "000002.png", torch.zeros(3, 4, 4, dtype=torch.uint8))  # wrong size
+    kept = (images / "000003.png").stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING, logger="mmqdiff.sample_folder"):
+        _sample(tmp_path, out, 4)
+    for j, why in ((0, "not a readable image"), (1, "not a readable image"), (2, "PNG RGB 4x4, expected PNG RGB 8x8")):
+        assert f"{images / f'00000{j}.png'}: {why}" in caplog.text
+    assert (images / "000003.png").stat().st_mtime_ns == kept
+    assert torch.equal(load_samples(out)[0], load_samples(tmp_path / "full")[0])
+
+
+def test_fp_reference_from_other_noise_is_refused(tmp_path, tiny_model):
+    _write_tiny(tmp_path, tiny_model)
+    _sample(tmp_path, tmp_path / "fp", 2)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'fp'} cannot be the FP reference for PSNR: \['seed'\] differ "
+                                         r"\(seed: FP folder 1234, here 7\)"):
+        _sample(tmp_path, tmp_path / "other", 2, seed=7, fp_samples=str(tmp_path / "fp"))
+    assert not (tmp_path / "other" / "images").exists()
+    _sample(tmp_path, tmp_path / "other", 2, fp_samples=str(tmp_path / "fp"))  # same noise; no image to protect
+    assert torch.equal(load_samples(tmp_path / "other")[0], load_samples(tmp_path / "fp")[0])
+
+
+def test_locked_output_folder_is_refused(tmp_path, tiny_model):
+    _write_tiny(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    with foreign_lock(out / "mmqdiff.lock"):
+        with pytest.raises(RuntimeError, match=f"sampling output folder {out} is in use by pid 4242 on host "
+                                               "elsewhere"):
+            _sample(tmp_path, out, 2)
+    assert not (out / "images").exists()
+    _sample(tmp_path, out, 2)  # the refused run took nothing with it
+    assert len(_pngs(out)) == 2 and not (out / "mmqdiff.lock").exists()
 
 
 @pytest.mark.slow

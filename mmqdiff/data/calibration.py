@@ -11,7 +11,6 @@ steps of a multi-GB file reads only those.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -19,6 +18,8 @@ import torch
 from torch import nn
 
 from ..diffusion.sampler import IndexedNoise, ddim_sample, trajectory_generator
+from ..diffusion.unet import file_sha256
+from ..io import atomic_path, brief_error
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,16 @@ def _entries(obj: Mapping, key: str, path: Path, entry_dim: int) -> tuple[Steps,
 
 
 class CalibrationFile:
-    """An opened (memory-mapped) calibration file whose layout has been checked; reads only what is selected."""
+    """An opened (memory-mapped) calibration file whose layout has been checked; reads only what is selected.
 
-    def __init__(self, path: str | Path, image_shape: Sequence[int] | None = None):
+    ``schedule``: the sampling schedule the data must come from, as ``timesteps(num_steps, skip_type)`` returns it
+    (ascending t, so step index i has t = ``schedule[-1 - i]``). Every ``ts`` entry must equal its step's t; a file
+    stored in the opposite (ascending-t) order is re-indexed, with a warning, so that ``xs[i]``/``ts[i]`` stay
+    paired and step index 0 is the noisiest step. Without ``schedule`` the file's order is taken as is.
+    """
+
+    def __init__(self, path: str | Path, image_shape: Sequence[int] | None = None,
+                 schedule: Sequence[int] | None = None):
         self.path = Path(path)
         obj = _load(self.path)
         missing = [k for k in ("xs", "ts") if k not in obj]
@@ -85,6 +93,36 @@ class CalibrationFile:
         if meta is not None and not isinstance(meta, Mapping):
             raise ValueError(f"{self.path}: 'meta' must be a mapping, got {type(meta).__name__}")
         self.meta: dict[str, Any] | None = None if meta is None else dict(meta)
+        self.file_index = list(range(self.num_steps))  # file entry of step index i
+        if schedule is not None:
+            self.check_schedule(schedule)
+
+    def check_schedule(self, schedule: Sequence[int]) -> None:
+        """Check every ``ts`` entry against the t of its step in ``schedule`` (see the class); accept the reversed
+        order explicitly."""
+        schedule = [int(t) for t in schedule]
+        if len(schedule) != self.num_steps:
+            raise ValueError(f"{self.path}: holds {self.num_steps} sampling steps but num_steps={len(schedule)}")
+        ts = torch.stack([torch.as_tensor(t) for t in self.ts]) if isinstance(self.ts, (list, tuple)) else self.ts
+        ts = ts.double()
+        want = torch.tensor(schedule[::-1], dtype=torch.float64)  # step order: noisiest first
+        if bool((ts == want[:, None]).all()):
+            return
+        if self.num_steps > 1 and bool((ts == want.flip(0)[:, None]).all()):
+            self.file_index.reverse()
+            log.warning("%s: ts run in ascending order (t=%d first); re-indexed so that step index 0 is the "
+                        "noisiest step (t=%d), each xs entry kept with its ts entry", self.path, schedule[0],
+                        schedule[-1])
+            return
+        step, traj = (ts != want[:, None]).nonzero()[0].tolist()
+        raise ValueError(f"{self.path}: 'ts' does not follow the sampling schedule: first difference at step index "
+                         f"{step} (trajectory {traj}): the file has t={ts[step, traj].item():g}, the schedule "
+                         f"expects t={schedule[::-1][step]} (step index 0 is the first, noisiest step; check "
+                         "num_steps and skip_type)")
+
+    def at_step(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(xs [N, C, H, W], ts [N]) of step index ``i`` (0 = noisiest), as stored (memory-mapped, not copied)."""
+        return self.xs[self.file_index[i]], self.ts[self.file_index[i]]
 
     def select(self, cali_st: int, cali_n: int,
                steps: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +135,8 @@ class CalibrationFile:
         if not 1 <= cali_n <= self.num_trajectories:
             raise ValueError(f"{self.path}: cali_n={cali_n} but the file holds {self.num_trajectories} trajectories")
         chosen = select_steps(steps, cali_st)
-        xs = torch.cat([self.xs[i][:cali_n].float() for i in chosen])
-        ts = torch.cat([self.ts[i][:cali_n].float() for i in chosen])
+        xs = torch.cat([self.at_step(i)[0][:cali_n].float() for i in chosen])
+        ts = torch.cat([self.at_step(i)[1][:cali_n].float() for i in chosen])
         for name, v in (("xs", xs), ("ts", ts)):
             finite = torch.isfinite(v.reshape(len(chosen), -1)).all(dim=1)
             if not finite.all():
@@ -116,15 +154,24 @@ class CalibrationFile:
         """Raise if the file's meta disagrees with any given (non-None) expectation; files without meta pass."""
         if self.meta is None:
             return
-        wrong = [f"{k}: file has {self.meta[k]!r}, expected {v!r}" for k, v in expected.items()
-                 if v is not None and k in self.meta and self.meta[k] != v]
+        wrong = [k for k, v in expected.items() if v is not None and k in self.meta and self.meta[k] != v]
         if wrong:
-            raise ValueError(f"{self.path}: calibration data were made for another setup ({'; '.join(wrong)})")
+            hint = ""
+            if "model_sha256" in wrong and "checkpoint_sha256" not in self.meta:
+                hint = (". This file's meta predates model identity by weights (its model_sha256 may be the hash of "
+                        "the checkpoint file's bytes): regenerate it from your checkpoint")
+            details = "; ".join(f"{k}: file has {self.meta[k]!r}, expected {expected[k]!r}" for k in wrong)
+            raise ValueError(f"{self.path}: calibration data were made for another setup ({details}){hint}")
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file not found: {path}")
+    return path
 
 
 def _load(path: Path) -> Mapping:
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration file not found: {path}")
+    _require_file(path)
     try:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -133,16 +180,23 @@ def _load(path: Path) -> Mapping:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: cannot be read as a weights-only torch file ({brief_error(e)})") from e
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: not a tensor mapping {{'xs': ..., 'ts': ...}}, got {type(obj).__name__}")
     return obj
 
 
 def load_calibration(path: str | Path, cali_st: int, cali_n: int, steps: Sequence[int] | None = None,
-                     image_shape: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q-Diffusion's calibration set from ``path``; ``steps`` limits selection to those step indices (a segment)."""
-    return CalibrationFile(path, image_shape).select(cali_st, cali_n, steps)
+                     image_shape: Sequence[int] | None = None,
+                     schedule: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q-Diffusion's calibration set from ``path``; ``steps`` limits selection to those step indices (a segment);
+    ``schedule`` (``timesteps(num_steps, skip_type)``) checks the file's ``ts`` (see :class:`CalibrationFile`)."""
+    return CalibrationFile(path, image_shape, schedule).select(cali_st, cali_n, steps)
+
+
+def calibration_sha256(path: str | Path) -> str:
+    """SHA-256 of a calibration file's bytes, after the same existence check as opening it."""
+    return file_sha256(_require_file(Path(path)))
 
 
 def read_calibration_meta(path: str | Path) -> dict[str, Any] | None:
@@ -158,14 +212,9 @@ def save_calibration(path: str | Path, xs: Steps, ts: Steps, meta: Mapping[str, 
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     obj = {"xs": xs, "ts": ts, **({} if meta is None else {"meta": dict(meta)})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
         CalibrationFile(tmp)  # the written file must read back
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from ..io import brief_error
 from .convert import diffusers_to_ddim_state_dict, is_diffusers_state_dict
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -239,6 +240,37 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def state_dict_sha256(state: nn.Module | Mapping[str, Any]) -> str:
+    """Identity of a model by what it computes with: SHA-256 over every state_dict entry's name, dtype, shape and
+    values, in name order (non-tensor entries, as in a packed export, by their repr). The same weights saved as a
+    plain state_dict, an ermongroup list or a Lightning checkpoint give the same hash; the file bytes do not."""
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        h.update(f"{name}\0".encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(f"{type(value).__name__}:{value!r}\0".encode())
+    return h.hexdigest()
+
+
+def _first_non_finite(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Description of the first floating tensor (in file order) holding NaN or inf, or None."""
+    for name, t in sd.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t.reshape(-1))
+            if bad.any():
+                first = int(bad.nonzero()[0])
+                return (f"{name!r} holds {int(bad.sum())} non-finite value(s) of {t.numel()} (first: "
+                        f"{t.reshape(-1)[first].item()} at flat index {first})")
+    return None
+
+
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """Accept a plain state_dict, the ermongroup ``[state, optim, ..., ema]`` list, or a Lightning checkpoint."""
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -271,7 +303,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Strictly load weights from a local file; errors name the file and the first offending keys.
+    """Strictly load weights from a local file; errors name the file and the first offending keys or non-finite
+    tensor.
 
     Formats: a torch file (read weights-only: a plain state_dict, ermongroup's checkpoint list, a Lightning
     checkpoint) or ``.safetensors``; either in the ddim layout or in diffusers ``UNet2DModel`` layout (e.g.
@@ -288,8 +321,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated, not a torch file, or pickled code
-            raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint "
-                             f"({type(e).__name__}: {e})") from e
+            raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({brief_error(e)})") from e
     sd = _extract_state_dict(obj, path)
     if is_diffusers_state_dict(sd):
         try:
@@ -306,5 +338,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
              if tuple(sd[k].shape) != tuple(v.shape)]
     if wrong:
         raise ValueError(f"{path}: {len(wrong)} parameter shapes differ from the model, e.g. {wrong[:3]}")
+    bad = _first_non_finite(sd)
+    if bad is not None:
+        raise ValueError(f"{path}: tensor {bad}; the checkpoint is damaged (NaN/inf weights give black images)")
     model.load_state_dict(sd, strict=True)
     return model

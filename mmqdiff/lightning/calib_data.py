@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..data.calibration import CalibrationFile
+from ..data.calibration import CalibrationFile, calibration_sha256
 from ..data.segments import timestep_segments
-from ..diffusion import file_sha256
+from ..diffusion import timesteps
 from .strategy import segments_of_rank
 
 Pairs = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -44,8 +44,9 @@ class CalibrationDataModule(LightningDataModule):
 
     Args:
         path: calibration file (Q-Diffusion's ``{"xs", "ts"}`` layout, optionally with ``meta``).
-        num_steps, skip_type: the sampling schedule; ``num_steps`` must equal the file's step count, and both must
-            match the file's meta when it has one.
+        num_steps, skip_type, num_diffusion_timesteps: the sampling schedule; ``num_steps`` must equal the file's
+            step count, both must match the file's meta when it has one, and the file's ``ts`` must follow
+            ``timesteps(num_steps, skip_type, num_diffusion_timesteps)`` (``CalibrationFile.check_schedule``).
         k, boundaries: the segments (``timestep_segments``).
         segment: which segments to serve (an index or a list); None: those of this process under a trainer
             (round-robin over ranks, as ``segment_parallel`` assigns them), all of them otherwise.
@@ -56,7 +57,8 @@ class CalibrationDataModule(LightningDataModule):
 
     def __init__(self, path: str, num_steps: int, k: int = 1, segment: int | list[int] | None = None,
                  cali_st: int = 20, cali_n: int = 256, boundaries: list[int] | None = None, skip_type: str = "quad",
-                 image_shape: list[int] | None = None, model_sha256: str | None = None):
+                 image_shape: list[int] | None = None, model_sha256: str | None = None,
+                 num_diffusion_timesteps: int = 1000):
         super().__init__()
         self.path, self.num_steps, self.k, self.skip_type = path, num_steps, k, skip_type
         self.segments = timestep_segments(num_steps, k, boundaries)
@@ -66,6 +68,7 @@ class CalibrationDataModule(LightningDataModule):
                 raise ValueError(f"segment index {s} outside [0, {k - 1}] for k={k}")
         self.cali_st, self.cali_n = cali_st, cali_n
         self.image_shape, self.model_sha256 = image_shape, model_sha256
+        self.num_diffusion_timesteps = num_diffusion_timesteps
         self._file: CalibrationFile | None = None
         self.selected: Pairs = {}  # served segment -> (xs, ts), filled by setup
         self.summary: list[dict[str, Any]] = []  # per served segment, filled by setup
@@ -88,6 +91,7 @@ class CalibrationDataModule(LightningDataModule):
             if f.num_steps != self.num_steps:
                 raise ValueError(f"{f.path}: holds {f.num_steps} sampling steps but num_steps={self.num_steps}")
             f.check_meta(num_steps=self.num_steps, skip_type=self.skip_type)
+            f.check_schedule(timesteps(self.num_steps, self.skip_type, self.num_diffusion_timesteps))
             self._check_model(f, self.image_shape, self.model_sha256)
             self._file = f
         return self._file
@@ -109,7 +113,7 @@ class CalibrationDataModule(LightningDataModule):
 
     @cached_property
     def sha256(self) -> str:
-        return file_sha256(self.path)
+        return calibration_sha256(self.path)
 
     def pairs(self, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All selected (xs [M, C, H, W], ts [M]) of one segment."""

@@ -22,34 +22,25 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, timesteps
-from ..manifest import MANIFEST_NAME, segment_dir, write_manifest
-from ..quant import (QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator, export_packed, packed_nbytes,
-                     quant_state_dict)
+from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256, timesteps
+from ..manifest import CKPT_KEY, LAST_CKPT, MANIFEST_NAME, cpu_state, write_manifest, write_segment_files
+from ..quant import QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator, quant_state_dict
 from ..quant.reconstruction import ReconSettings, work_items
 from .calib_data import CalibrationDataModule, Pairs
+from .checkpoint_io import AtomicCheckpointIO
+from .run_lock import RunFolderLock
 from .strategy import SegmentParallelStrategy, gather_to_zero
-from ..io import atomic_save
-
-CKPT_KEY = "mmqdiff_calibration"
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes beside the target and renames (Lightning's own writer stages in the system temp dir and moves, which is
-    a copy, not atomic, when that is another filesystem)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        atomic_save(checkpoint, path)
+from ..io import check_writable
 
 
 def run_checkpoint(run_dir: str | Path) -> Path:
     """Where a calibration run keeps its resumable state: ``<run folder>/checkpoints/last.ckpt``."""
-    return Path(run_dir) / "checkpoints" / "last.ckpt"
+    return Path(run_dir) / LAST_CKPT
 
 
 class UnitCheckpoint(ModelCheckpoint):
@@ -138,10 +129,6 @@ class _Nets:
     segments: dict[int, SegmentCalibrator] = field(default_factory=dict)
 
 
-def _cpu(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-
-
 class SegmentCalibration(LightningModule):
     """Q-Diffusion calibration of one quantized UNet per timestep segment (K=1: the Q-Diffusion baseline).
 
@@ -201,14 +188,17 @@ class SegmentCalibration(LightningModule):
         if data.segment is not None:
             raise ValueError(f"data.init_args.segment must be null for SegmentCalibration (it calibrates every "
                              f"segment, spread over the processes), got {data.segment!r}")
-        self._check_writable(self.run_dir, trainer.global_rank)
+        check_writable(self.run_dir)
         device = trainer.strategy.root_device
         cfg = load_config(self.model_config)
         fp = self.nets.fp = load_checkpoint(build_model(cfg), self.checkpoint).to(device).eval().requires_grad_(False)
-        self.model_sha256 = file_sha256(self.checkpoint)
+        self.model_sha256, self.model_file_sha256 = state_dict_sha256(fp), file_sha256(self.checkpoint)
         data.check_model([fp.in_channels, fp.resolution, fp.resolution], self.model_sha256)
-        seq = timesteps(data.num_steps, data.skip_type,
-                        cfg.get("diffusion", {}).get("num_diffusion_timesteps", 1000))
+        model_timesteps = cfg.get("diffusion", {}).get("num_diffusion_timesteps", 1000)
+        if model_timesteps != data.num_diffusion_timesteps:
+            raise ValueError(f"{self.model_config} diffuses over {model_timesteps} timesteps but "
+                             f"data.init_args.num_diffusion_timesteps is {data.num_diffusion_timesteps}")
+        seq = timesteps(data.num_steps, data.skip_type, model_timesteps)
         self.t_of_step = list(reversed(seq))
         self.my_segments = data.segment_ids
         if self.segment_scale is not None and len(self.segment_scale) != data.k:
@@ -227,17 +217,6 @@ class SegmentCalibration(LightningModule):
     def segment_recon(self, s: int) -> ReconSettings:
         """Segment ``s``'s reconstruction settings: ``recon`` with its share of ``segment_scale``."""
         return self.recon if self.segment_scale is None else self.recon.scaled(self.segment_scale[s])
-
-    @staticmethod
-    def _check_writable(run_dir: Path, rank: int) -> None:
-        probe = run_dir / f".write_probe{rank}"
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise PermissionError(f"output folder {run_dir} is not writable ({type(e).__name__}: {e}); set "
-                                  "trainer.default_root_dir to a writable folder") from e
 
     def signature(self) -> dict[str, Any]:
         """What must not change between a checkpoint and the run that resumes it."""
@@ -269,6 +248,9 @@ class SegmentCalibration(LightningModule):
     @property
     def last_ckpt(self) -> Path:
         return run_checkpoint(self.run_dir)
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [RunFolderLock(self.run_dir, "calibration run folder")]
 
     def configure_optimizers(self) -> None:
         """Each work item builds its own optimiser (one per unit and phase, as the reference)."""
@@ -336,7 +318,7 @@ class SegmentCalibration(LightningModule):
         return self.run_seconds + time.perf_counter() - self._session_start
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        local = {s: {"quant_state": _cpu(quant_state_dict(c.qmodel)), "stats": self.stats[s]}
+        local = {s: {"quant_state": cpu_state(quant_state_dict(c.qmodel)), "stats": self.stats[s]}
                  for s, c in self.nets.segments.items()}
         gathered = gather_to_zero(local)
         if gathered is None:
@@ -349,7 +331,7 @@ class SegmentCalibration(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(CKPT_KEY)
         if state is None:
-            raise ValueError("checkpoint was not written by SegmentCalibration")
+            raise ValueError(f"{self.trainer.ckpt_path}: checkpoint was not written by SegmentCalibration")
         mine, theirs = self.signature(), state["signature"]
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
@@ -377,18 +359,11 @@ class SegmentCalibration(LightningModule):
 
     def _write_segment(self, s: int) -> dict[str, Any]:
         q, steps, (xs, ts) = self.nets.segments[s].qmodel, self.data.segments[s], self.data.selected[s]
-        q.set_quant_state(True, self.quant.quant_act)
-        folder = segment_dir(self.run_dir, s)
-        files = {"quant_state": folder / "quant_state.pt", "packed": folder / "packed.pt"}
-        export = _cpu(export_packed(q))
-        atomic_save(_cpu(quant_state_dict(q)), files["quant_state"])
-        atomic_save(export, files["packed"])
         recon = self.segment_recon(s)
         return {"index": s, "steps": [steps.start, steps.stop], "iters": [recon.cali_iters, recon.cali_iters_a],
                 "t_range": [self.t_of_step[steps.start], self.t_of_step[steps.stop - 1]],
                 "pairs": len(xs), "calib_t_range": [int(ts.max()), int(ts.min())],
-                **{k: str(p.relative_to(self.run_dir)) for k, p in files.items()},
-                "sha256": {k: file_sha256(p) for k, p in files.items()}, "model_bytes": packed_nbytes(export),
+                **write_segment_files(self.run_dir, s, q, self.quant.quant_act),
                 "wall_seconds": self.stats[s]["wall_seconds"], "peak_mem_bytes": self.stats[s]["peak_mem_bytes"],
                 "rank": self.trainer.global_rank,
                 "units": [{k: u[k] for k in ("unit", "phase", "rec_first", "rec_last", "item_seconds")}
@@ -402,7 +377,8 @@ class SegmentCalibration(LightningModule):
                 "segment_scale": self.segment_scale,
                 "units": self.units, "fp_model": {"config": str(self.model_config),
                                                   "config_dict": load_config(self.model_config),
-                                                  "checkpoint": str(self.checkpoint), "sha256": self.model_sha256},
+                                                  "checkpoint": str(self.checkpoint), "sha256": self.model_sha256,
+                                                  "file_sha256": self.model_file_sha256},
                 "calibration": {"path": str(data.path), "sha256": data.sha256, "cali_st": data.cali_st,
                                 "cali_n": data.cali_n, "meta": data.meta},
                 "wall_seconds": self._elapsed(), "peak_mem_kind": self.peak_mem_kind,

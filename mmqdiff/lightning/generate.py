@@ -17,7 +17,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.calibration import record_trajectories, save_calibration
-from ..diffusion import betas_from_config, build_model, file_sha256, load_checkpoint, load_config, timesteps
+from ..diffusion import (betas_from_config, build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256,
+                         timesteps)
+from ..io import RunLock, atomic_save
+from .run_lock import hold_run_lock
+from .strategy import decided_by_zero, gather_to_zero
 
 
 class TrajectoryIndices(Dataset):
@@ -59,9 +63,9 @@ class CalibrationGenerator(LightningModule):
         self.seq = timesteps(num_steps, skip_type, len(betas))
         self.eta, self.seed = eta, seed
         self.image_shape = (self.net.in_channels, self.net.resolution, self.net.resolution)
-        self.meta = {"model_sha256": file_sha256(checkpoint), "checkpoint": str(checkpoint), "config": str(config),
-                     "num_steps": num_steps, "skip_type": skip_type, "eta": eta, "seed": seed,
-                     "image_shape": list(self.image_shape)}
+        self.meta = {"model_sha256": state_dict_sha256(self.net), "checkpoint_sha256": file_sha256(checkpoint),
+                     "checkpoint": str(checkpoint), "config": str(config), "num_steps": num_steps,
+                     "skip_type": skip_type, "eta": eta, "seed": seed, "image_shape": list(self.image_shape)}
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         xs, ts = record_trajectories(self.net, batch.tolist(), self.seed, self.seq, self.betas, self.eta,
@@ -73,32 +77,68 @@ class CalibrationWriter(BasePredictionWriter):
     """Collects every rank's trajectories, places them by index and writes the file once, atomically, on rank 0.
 
     With several ranks each writes a shard next to ``path`` that rank 0 merges (a shared filesystem is assumed).
-    An existing ``path`` is refused before any sampling unless ``overwrite``.
+    Before any sampling the target folder is probed for writing, ``<path>.lock`` is taken for the run, and an
+    existing ``path`` is refused unless ``overwrite``. Every batch's trajectories must be finite.
     """
 
     def __init__(self, path: str, overwrite: bool = False):
         super().__init__(write_interval="batch")
         self.path, self.overwrite = Path(path), overwrite
         self._parts: list[dict[str, torch.Tensor]] = []
+        self.lock = RunLock(self.path.with_name(f"{self.path.name}.lock"), f"calibration-data target {self.path}")
 
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        hold_run_lock(trainer.strategy, self.lock)
+        decided_by_zero(trainer.strategy, self._refuse_existing)
+
+    def _refuse_existing(self) -> None:
         if self.path.exists() and not self.overwrite:
             raise FileExistsError(f"{self.path} exists; set overwrite to replace it")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.lock.release()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.lock.release()
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._parts = []
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: dict[str, torch.Tensor],
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         self._parts.append(prediction)
 
+    def _non_finite(self, parts: list[dict[str, torch.Tensor]]) -> str | None:
+        """Where the first trajectory that turned NaN/inf does so (it would calibrate on garbage), or None."""
+        for part in parts:
+            finite = torch.isfinite(part["xs"].flatten(2)).all(dim=2)  # [steps (+ final), trajectories]
+            if not bool(finite.all()):
+                step, col = (~finite).nonzero()[0].tolist()
+                where = "the final sample" if step == part["xs"].shape[0] - 1 else f"step index {step}"
+                return (f"{self.path}: not written: trajectory {int(part['indices'][col])} holds non-finite values "
+                        f"(first at {where}); the FP model diverges with these settings")
+        return None
+
+    def _refuse_non_finite(self, trainer: Trainer, parts: list[dict[str, torch.Tensor]]) -> None:
+        """Every rank checks its own trajectories; all ranks stop together if any found one."""
+        found = gather_to_zero(self._non_finite(parts))
+
+        def decide() -> None:
+            problems = [p for p in found or [] if p]
+            if problems:
+                raise ValueError(problems[0])
+
+        decided_by_zero(trainer.strategy, decide)
+
     def _shard(self, rank: int) -> Path:
         return self.path.with_name(f".{self.path.name}.rank{rank}.pt")
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         parts, self._parts = self._parts, []
+        self._refuse_non_finite(trainer, parts)
         shards = [self._shard(r) for r in range(trainer.world_size)] if trainer.world_size > 1 else []
         if shards:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(parts, shards[trainer.global_rank])
+            atomic_save(parts, shards[trainer.global_rank])
             trainer.strategy.barrier()
         if trainer.is_global_zero:
             try:

@@ -1,7 +1,8 @@
 """K-model DDIM sampling as a Lightning predict: ``python cli.py predict --config configs/embedded/sample.yaml``.
 
 Step i runs the model of the segment that holds i (the same step-to-segment map calibration used). Images are
-PNG files named by index, so an interrupted run continues where it stopped; noise for image j depends only on
+PNG files named by index, so an interrupted run continues where it stopped (the folder's ``sampling.json`` makes sure
+it continues with the same settings, see :mod:`mmqdiff.sample_folder`); noise for image j depends only on
 (seed, j), so FP and quantized runs start from identical noise on any number of devices.
 """
 from __future__ import annotations
@@ -17,16 +18,15 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from ..data import segment_of_step
-from ..diffusion import (IndexedNoise, betas_from_config, build_model, ddim_sample, load_checkpoint, load_config,
-                         segment_switch, timesteps)
-from ..manifest import load_segment_models, read_manifest
-from ..io import atomic_path, atomic_save, atomic_write_text, read_png_images, write_png
+from ..diffusion import (IndexedNoise, betas_from_config, build_model, ddim_sample, file_sha256, load_checkpoint,
+                         load_config, segment_switch, state_dict_sha256, timesteps)
+from ..manifest import load_segment_models, read_manifest, run_identity
+from ..io import RunLock, atomic_path, atomic_save, atomic_write_text, read_png_images, write_png
+from ..sample_folder import check_fp_reference, claim_folder, images_to_make, png_path
+from .run_lock import LOCK_NAME, hold_run_lock
+from .strategy import decided_by_zero
 from ..plots import save_sample_grid
 from ..metrics import InceptionExtractor, embedded_extractor, psnr_per_image, score_images, to_uint8
-
-
-def png_path(image_dir: Path, index: int) -> Path:
-    return image_dir / f"{index:06d}.png"
 
 
 class MultiModelSampler(L.LightningModule):
@@ -53,11 +53,13 @@ class MultiModelSampler(L.LightningModule):
         self.register_buffer("betas", betas_from_config(cfg), persistent=False)
         self.seq = timesteps(num_steps, skip_type, len(self.betas))
         self.image_shape = (self.fp_model.in_channels, self.fp_model.resolution, self.fp_model.resolution)
+        self.fp_sha256, self.calibration_identity = state_dict_sha256(self.fp_model), None
         if calibration_run is None:
             self.segments = [range(num_steps)]
             self.segment_models = torch.nn.ModuleList([self.fp_model])
         else:
             manifest = read_manifest(calibration_run)
+            self.calibration_identity = run_identity(manifest)
             for key, want in (("num_steps", num_steps), ("skip_type", skip_type)):
                 if manifest.get(key) != want:
                     raise ValueError(f"{calibration_run}: calibrated for {key}={manifest.get(key)!r}, "
@@ -66,6 +68,16 @@ class MultiModelSampler(L.LightningModule):
             self.segment_models = torch.nn.ModuleList(models)
         self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
         self.quantized = calibration_run is not None
+
+    def sampling_record(self) -> dict[str, Any]:
+        """What makes the images (``identity``: a resumed run must match it) and where it came from (``info``). The
+        models count by their weights (state-dict and packed-export content hashes), not by file bytes or paths."""
+        h = self.hparams
+        return {"identity": {"fp_model": self.fp_sha256, "calibration_run": self.calibration_identity,
+                             "seed": h.seed, "num_steps": h.num_steps, "skip_type": h.skip_type, "eta": h.eta,
+                             "image_shape": list(self.image_shape)},
+                "info": {"checkpoint": str(h.checkpoint), "checkpoint_sha256": file_sha256(h.checkpoint),
+                         "calibration_run": h.calibration_run}}
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         noise = IndexedNoise(self.hparams.seed, indices.tolist(), self.image_shape, self.device)
@@ -87,6 +99,8 @@ class MultiModelSampler(L.LightningModule):
         return out
 
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self.hparams.fp_samples is not None:  # before any sampling, not when scoring
+            check_fp_reference(self.hparams.fp_samples, self.sampling_record())
         # Lightning skips the whole predict loop (and its end hooks) when no image is missing
         if stage == "predict" and not self.trainer.datamodule.todo:
             self.on_predict_end()
@@ -125,23 +139,39 @@ class MultiModelSampler(L.LightningModule):
 
 
 class SampleIndices(L.LightningDataModule):
-    """Image indices 0..num_images-1 that have no PNG yet.
+    """Image indices 0..num_images-1 that have no good PNG yet, in an output folder this run owns.
 
-    Every rank takes its snapshot in ``setup``, before Lightning's post-setup barrier and so before any image is
-    written; Lightning's predict sampler then splits it across ranks without padding or duplicates."""
+    In ``setup`` rank 0 locks the folder for the run, checks (or writes) its sampling record against the module's
+    settings (``overwrite`` deletes images made with other settings first), validates the existing PNGs and sends the
+    list of images to make to every rank, before Lightning's post-setup barrier and so before any image is written;
+    Lightning's predict sampler then splits it across ranks without padding or duplicates."""
 
-    def __init__(self, num_images: int = 256, batch_size: int = 256, output_dir: str = "outputs/samples"):
+    def __init__(self, num_images: int = 256, batch_size: int = 256, output_dir: str = "outputs/samples",
+                 overwrite: bool = False):
         super().__init__()
         if num_images < 1 or batch_size < 1:
             raise ValueError(f"num_images and batch_size must be >= 1, got {num_images}, {batch_size}")
         self.num_images, self.batch_size, self.output_dir = num_images, batch_size, Path(output_dir)
         self.image_dir = self.output_dir / "images"
-
-    def missing(self) -> list[int]:
-        return [j for j in range(self.num_images) if not png_path(self.image_dir, j).exists()]
+        self.overwrite = overwrite
+        self.lock = RunLock(self.output_dir / LOCK_NAME, f"sampling output folder {self.output_dir}")
 
     def setup(self, stage: str) -> None:
-        self.todo = self.missing()
+        strategy, module = self.trainer.strategy, self.trainer.lightning_module
+        hold_run_lock(strategy, self.lock)
+        c, h, w = module.image_shape
+
+        def prepare() -> list[int]:
+            claim_folder(self.output_dir, module.sampling_record(), self.overwrite)
+            return images_to_make(self.image_dir, self.num_images, (w, h))
+
+        self.todo = decided_by_zero(strategy, prepare)
+
+    def teardown(self, stage: str) -> None:
+        self.lock.release()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.lock.release()
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(torch.tensor(self.todo, dtype=torch.long), batch_size=self.batch_size, shuffle=False)

@@ -8,10 +8,10 @@ launcher Lightning supports (torchrun, SLURM), the run folder on a shared filesy
 """
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 
 T = TypeVar("T")
 
@@ -43,6 +43,22 @@ def gather_to_zero(obj: T) -> list[T] | None:
     out: list[T] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None  # type: ignore[list-item]
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def decided_by_zero(strategy: Strategy, decide: Callable[[], T]) -> T:
+    """``decide()`` on global rank 0 only, its result (or the exception it raised) on every rank: the ranks of one
+    run act on one decision and fail together instead of hanging at the next collective."""
+    result: Any = None
+    error: BaseException | None = None
+    if strategy.is_global_zero:
+        try:
+            result = decide()
+        except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
+            error = e
+    result, error = strategy.broadcast((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 StrategyRegistry.register(SegmentParallelStrategy.strategy_name, SegmentParallelStrategy,

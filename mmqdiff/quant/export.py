@@ -19,10 +19,11 @@ WEIGHT_QUANTIZERS = ("weight_quantizer", "weight_quantizer_0")
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Flatten unsigned codes in [0, 2^bits) into bytes: 8//bits codes per byte when bits divides 8 (two 4-bit codes
-    per byte, low nibble first), one uint8 each for other widths up to 8, int32 above 8."""
+    per byte, low nibble first), one uint8 each for other widths up to 8; above 8 bits one code per element of the
+    narrowest type that holds them: uint16 up to 16 bits (it saves and loads weights-only), int32 above."""
     flat = codes.reshape(-1).to(torch.int32)
     if bits > 8:
-        return flat
+        return flat.to(torch.uint16 if bits <= 16 else torch.int32)
     per = 8 // bits if 8 % bits == 0 else 1
     flat = torch.nn.functional.pad(flat, (0, -flat.numel() % per)).reshape(-1, per)
     shifts = torch.arange(per, dtype=torch.int32) * bits

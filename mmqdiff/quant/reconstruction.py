@@ -320,6 +320,16 @@ class ReconSettings:
         for name in ("cali_iters", "cali_iters_a", "batch_size", "act_init_samples", "cache_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_w", "lr_a"):
+            if not (isinstance(getattr(self, name), (int, float)) and 0 < getattr(self, name) < math.inf):
+                raise ValueError(f"ReconSettings.{name} (a learning rate) must be a finite number > 0, "
+                                 f"got {getattr(self, name)!r}")
+        if self.cache_device != "auto":
+            try:
+                torch.device(self.cache_device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"ReconSettings.cache_device must be 'auto' or a torch device such as 'cpu', 'cuda' "
+                                 f"or 'cuda:1', got {self.cache_device!r}") from e
 
 
 def work_items(num_units: int, quant_act: bool) -> list[tuple[int, str]]:
