@@ -135,7 +135,8 @@ def test_python_api_reproduces_a_segment_of_the_run(world, finished):
     _, module = finished
     model = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
     xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(5, 10))
-    q = calibrate(model, QuantConfig(), xs, ts, ReconSettings(cali_iters=4, cali_iters_a=3), seed=1234, segment=1)
+    assert (module.recon.cali_iters, module.recon.cali_iters_a) == (4, 3)  # the config's lr, the test's iterations
+    q = calibrate(model, QuantConfig(), xs, ts, module.recon, seed=1234, segment=1)
     assert tensors_equal(quant_state_dict(q), quant_state_dict(module.nets.segments[1].qmodel))
 
 
@@ -147,7 +148,7 @@ def test_segment_scale_gives_each_segment_its_share_of_the_iterations(world, tmp
     assert pipeline.calibration_compute(m) == [6, 4]
     model = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
     xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(0, 5))
-    q = calibrate(model, QuantConfig(), xs, ts, ReconSettings(cali_iters=4, cali_iters_a=3), seed=1234, segment=0)
+    q = calibrate(model, QuantConfig(), xs, ts, module.segment_recon(0), seed=1234, segment=0)
     assert tensors_equal(quant_state_dict(q), quant_state_dict(module.nets.segments[0].qmodel))
     with pytest.raises(ValueError, match="segment_scale has 3 factors for k=2 segments"):
         fit(world, tmp_path / "bad", extra=["--model.init_args.segment_scale", "[1, 1, 1]"])
