@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/plot_convergence.py outputs/convergence/runs.jsonl --out docs/convergence.png
 
-One line per (label, K); x: weight iterations per unit (activation iterations in each row's ratio), y: held-out
+One line per (K, lr_w, per-segment budget shape); x: weight iterations per unit (activation iterations in each row's ratio), y: held-out
 sample-space error (left) and the plain mean over steps (right). Prints a markdown table of every row.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, default=Path("docs/convergence.png"))
-    ap.add_argument("--labels", nargs="*", help="only these labels")
+    ap.add_argument("--labels", nargs="*", help="only rows with these labels")
     args = ap.parse_args()
     rows = [json.loads(line) for path in args.runs for line in path.read_text().splitlines() if line.strip()]
     sensitivity = eps_sensitivity(timesteps(100, "quad"), linear_betas())
@@ -33,14 +33,14 @@ def main() -> None:
         r.setdefault("heldout_x_mse", sample_space_error(r["per_step"], sensitivity))
     if args.labels:
         rows = [r for r in rows if r["label"] in args.labels]
-    series = defaultdict(list)
+    series = defaultdict(list)  # one line per (K, learning rate, per-segment budget shape)
     for r in rows:
-        series[(r["label"], r["k"])].append(r)
+        series[(r["k"], r["recon"]["lr_w"], tuple(r.get("segment_scale") or ()))].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (label, k), rs in sorted(series.items()):
+    for (k, lr, scale), rs in sorted(series.items()):
         rs.sort(key=lambda r: r["recon"]["cali_iters"])
         x = [r["recon"]["cali_iters"] for r in rs]
-        name = f"K={k} {label} (lr_w {rs[0]['recon']['lr_w']:g})"
+        name = f"K={k}, lr_w {lr:g}" + (" (reference)" if lr == 1e-3 else "") + (f", scale {list(scale)}" if scale else "")
         axes[0].plot(x, [r["heldout_x_mse"] for r in rs], marker="o", label=name)
         axes[1].plot(x, [r["heldout_mse"] for r in rs], marker="o", label=name)
     for ax, title in zip(axes, ("held-out sample-space error", "held-out noise-prediction MSE (mean over steps)")):
@@ -53,12 +53,13 @@ def main() -> None:
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
-    print("| K | schedule | lr_w | iters (w/a) | cali_st x cali_n | held-out x-space | held-out MSE | quarters "
+    print("| K | label | lr_w | iters (w/a) | cali_st x cali_n | held-out x-space | held-out MSE | quarters "
           "(noisy..clean) | calib s | threads |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(rows, key=lambda r: (r["k"], r["label"], r["recon"]["cali_iters"])):
+    for r in sorted(rows, key=lambda r: (r["k"], r["recon"]["lr_w"], r["recon"]["cali_iters"])):
         q = " / ".join(f"{v:.4f}" for v in r["quarters"])
-        print(f"| {r['k']} | {r['label']} | {r['recon']['lr_w']:g} | {r['recon']['cali_iters']}/"
+        scale = f" scale {r['segment_scale']}" if r.get("segment_scale") else ""
+        print(f"| {r['k']} | {r['label']}{scale} | {r['recon']['lr_w']:g} | {r['recon']['cali_iters']}/"
               f"{r['recon']['cali_iters_a']} | {r['cali_st']}x{r['cali_n']} | {r['heldout_x_mse']:.2e} | "
               f"{r['heldout_mse']:.4f} | {q} | {r['seconds']:.0f} | {r['threads']} |")
     print(f"wrote {args.out}")
