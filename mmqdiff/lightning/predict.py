@@ -7,6 +7,7 @@ PNG files named by index, so an interrupted run continues where it stopped; nois
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ..data import segment_of_step
@@ -23,6 +25,9 @@ from ..manifest import load_segment_models, read_manifest
 from ..io import atomic_path, atomic_save, atomic_write_text, read_png_images, write_png
 from ..plots import save_sample_grid
 from ..metrics import InceptionExtractor, embedded_extractor, psnr, score_images, to_uint8
+from ..quant import IntegerUnsupported, to_integer
+
+RUNTIMES = ("int", "fake")
 
 
 def png_path(image_dir: Path, index: int) -> Path:
@@ -36,13 +41,18 @@ class MultiModelSampler(L.LightningModule):
                  skip_type: str = "quad", eta: float = 0.0, seed: int = 1234, fp_error_images: int = 64,
                  real_source: str | None = "synthetic", feature_extractor: str | None = None,
                  inception_weights: str | None = None, num_real: int = 5000, kid_subset_size: int = 1000,
-                 fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache"):
+                 fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache", runtime: str = "int"):
         """``real_source`` ("synthetic", a ``cifar-10-batches-py`` folder or a PNG folder; None skips scoring) is
         scored with ``feature_extractor`` (the embedded classifier) or ``inception_weights`` (a local torch-fidelity
         Inception file); ``fp_samples`` is an FP sampling run's folder for PSNR on identical noise.
         ``fp_error_images``: images with index below it also run the FP model on every x_t of their (quantized)
-        trajectory for the per-step noise-prediction error; it costs one FP forward per step for those images."""
+        trajectory for the per-step noise-prediction error; it costs one FP forward per step for those images.
+        ``runtime``: "int" runs the segment models' convs/linears as int8 kernels (``mmqdiff.quant.to_integer``,
+        packed once when prediction starts), falling back to "fake" with one warning where the backend cannot;
+        "fake" simulates quantization in fp32. FP runs ignore it."""
         super().__init__()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if real_source is not None and (feature_extractor is None) == (inception_weights is None):
             raise ValueError("scoring needs exactly one of feature_extractor (embedded default) or inception_weights")
         self.save_hyperparameters()
@@ -64,22 +74,43 @@ class MultiModelSampler(L.LightningModule):
             self.segment_models = torch.nn.ModuleList(models)
         self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
         self.quantized = calibration_run is not None
+        self.runtime = runtime if self.quantized else "fp"
+        self.sampling_seconds, self.images_sampled = 0.0, 0  # this run's predict steps, FP-error tracking excluded
+
+    def on_predict_start(self) -> None:
+        """Pack the integer runtime once, on the device Lightning moved the models to (switching costs nothing)."""
+        if self.runtime != "int":
+            return
+        try:
+            models = [to_integer(m) for m in self.segment_models]
+        except IntegerUnsupported as e:
+            self.runtime = "fake"
+            rank_zero_warn(f"runtime 'fake' instead of 'int': {e}")
+            return
+        self.segment_models = torch.nn.ModuleList(models)  # the fake-quant copies (fp32 weights) are released
+        self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        start, tracking = self._clock(), 0.0
         noise = IndexedNoise(self.hparams.seed, indices.tolist(), self.image_shape, self.device)
         tracked = (indices < self.hparams.fp_error_images).nonzero().flatten().to(self.device)
         step_mse = torch.zeros(len(tracked), len(self.seq))
 
         def fp_error(i: int, t: int, x: torch.Tensor, eps: torch.Tensor) -> None:
             # noise-prediction error of the model in use against FP on the very same x_t
+            nonlocal tracking
+            begin = self._clock()
             x, eps = x[tracked], eps[tracked]
             ref = self.fp_model(x, torch.full((x.shape[0],), float(t), device=x.device))
             step_mse[:, i] = (eps - ref).pow(2).flatten(1).mean(1).cpu()
+            tracking += self._clock() - begin
 
         track = self.quantized and len(tracked) > 0
         x = ddim_sample(self.model_for_step, noise(), self.seq, self.betas, self.hparams.eta,
                         callback=fp_error if track else None, noise_fn=noise)
         out = {"indices": indices.cpu(), "images": to_uint8(x).cpu()}
+        self.sampling_seconds += self._clock() - start - tracking
+        self.images_sampled += len(indices)
         if track:
             out["step_mse_indices"], out["step_mse"] = indices[tracked.cpu()].cpu(), step_mse
         return out
@@ -93,12 +124,22 @@ class MultiModelSampler(L.LightningModule):
         """Rank 0 gathers all images (``samples.npz``, ``grid.png``, ``per_step_mse.json``) and scores them."""
         data = self.trainer.datamodule
         self.trainer.strategy.barrier()
+        seconds, images = self.trainer.strategy.reduce(
+            torch.tensor([self.sampling_seconds, self.images_sampled], dtype=torch.float64, device=self.device),
+            reduce_op="sum").tolist()
         if self.trainer.is_global_zero:
             summary = finalize_samples(data.output_dir, data.num_images)
+            summary["runtime"] = self.runtime
+            summary["sampling_seconds_per_image"] = seconds / images if images else None
             if self.hparams.real_source is not None:
                 summary.update(self.score(data.output_dir))
             atomic_write_text(Path(data.output_dir) / "metrics.json", json.dumps(summary, indent=1))
         self.trainer.strategy.barrier()
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     @torch.inference_mode(False)
     def score(self, output_dir: str | Path) -> dict[str, Any]:
