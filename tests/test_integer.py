@@ -19,7 +19,7 @@ from mmqdiff.manifest import segment_dir, write_manifest
 from mmqdiff.metrics import psnr
 from mmqdiff.quant import (AdaRoundQuantizer, IntegerUNet, IntegerUnsupported, QuantConfig, QuantLayer, UniformAffineQuantizer,
                            config_from_state, export_packed, load_packed, quantize_model, set_rounding, to_integer)
-from mmqdiff.quant.integer import ActivationCodes, IntegerLayer, onednn_available, weight_codes
+from mmqdiff.quant.integer import ActivationCodes, IntegerAttnBlock, IntegerLayer, onednn_available, weight_codes
 
 from .conftest import ROOT, TINY
 
@@ -162,6 +162,35 @@ def test_every_layer_within_accumulation_bound_embedded(embedded, trajectories, 
 @needs_onednn
 def test_every_layer_within_accumulation_bound_cifar10(cifar_w8):
     check_every_layer(cifar_w8, "onednn", n=1)
+
+
+def test_attention_matmuls_within_accumulation_bound(embedded, trajectories):
+    """Given the same q, k, v and probabilities, the integer attention matmuls equal the fake-quant block's fp32
+    matmuls of the dequantized values within (K + 4) u sum |a||b| (K: the reduction length)."""
+    q_model = embedded_quantized(embedded, trajectories, 4)
+    name = "mid.attn_1"
+    fake = q_model.model.get_submodule(name)
+    block = to_integer(q_model).model.get_submodule(name)
+    assert isinstance(block, IntegerAttnBlock)
+    captured: list[torch.Tensor] = []
+    hook = fake.register_forward_pre_hook(lambda mod, a: captured.append(a[0].clone()))
+    with torch.no_grad():
+        q_model(*inputs(q_model, 2, seed=7))
+        hook.remove()
+        h = fake.norm(captured[0])
+        q, k, v = fake.q(h), fake.k(h), fake.v(h)
+        b, c, hh, ww = q.shape
+        fq = fake.act_quantizer_q(q.reshape(b, c, -1).permute(0, 2, 1))
+        fk = fake.act_quantizer_k(k.reshape(b, c, -1))
+        expected = torch.bmm(fq, fk) * (int(c) ** -0.5)
+        bound = (c + 4) * U * torch.bmm(fq.double().abs(), fk.double().abs()) * c ** -0.5
+        assert bool(((block.logits(q, k).double() - expected.double()).abs() <= bound).all())
+        w = torch.softmax(expected, dim=2)
+        fv, fw = fake.act_quantizer_v(v.reshape(b, c, -1)), fake.act_quantizer_w(w)
+        expected = torch.bmm(fv, fw.permute(0, 2, 1)).reshape(b, c, hh, ww)
+        bound = (hh * ww + 4) * U * torch.bmm(fv.double().abs(), fw.double().abs().permute(0, 2, 1))
+        got = block.mix(w, v.contiguous(memory_format=torch.channels_last)).double()
+        assert bool(((got - expected.double()).abs() <= bound.reshape(b, c, hh, ww)).all())
 
 
 # -- whole network ---------------------------------------------------------------------------------------------------
@@ -327,9 +356,14 @@ def test_sampler_runs_the_integer_runtime_and_records_time(tmp_path, tiny_model)
     assert len(models) == 2 and all(isinstance(m, IntegerUNet) for m in models)
     first, second = ({id(t) for t in [*m.parameters(), *m.buffers()]} for m in models)
     assert not first & second  # segment models share no tensor
-    for metrics in (int_metrics, fake_metrics):
+    _, fp_metrics, _ = sample(tmp_path, None, "int", "fp")
+    assert fp_metrics["runtime"] == "fp"
+    for metrics in (int_metrics, fake_metrics, fp_metrics):
         assert metrics["num_images"] == 3 and metrics["sampling_seconds_per_image"] > 0
     assert psnr(int_images, fake_images) >= 40.0
+    # a resumed run with nothing left to sample reports no time rather than a made-up one
+    _, again, _ = sample(tmp_path, run, "int", "int")
+    assert again["sampling_seconds_per_image"] is None
 
 
 def test_sampler_falls_back_to_fake_and_says_why(tmp_path, tiny_model):

@@ -81,9 +81,12 @@ class MultiModelSampler(L.LightningModule):
         """Pack the integer runtime once, on the device Lightning moved the models to (switching costs nothing)."""
         if self.runtime != "int":
             return
+        probe = torch.zeros(1, *self.image_shape, device=self.device), torch.full((1,), 500.0, device=self.device)
         try:
             models = [to_integer(m) for m in self.segment_models]
-        except IntegerUnsupported as e:
+            for m in models:  # one tiny forward: a backend that builds but cannot run is caught here, not mid-run
+                m(*probe)
+        except (IntegerUnsupported, RuntimeError) as e:
             self.runtime = "fake"
             rank_zero_warn(f"runtime 'fake' instead of 'int': {e}")
             return

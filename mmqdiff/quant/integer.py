@@ -93,6 +93,16 @@ class ActivationCodes(nn.Module):
         return torch.empty(0, dtype=torch.uint8, device=q.device).set_(q.untyped_storage(), q.storage_offset(),
                                                                         q.size(), q.stride())
 
+    @property
+    def centred_fits_int8(self) -> bool:
+        """Whether ``level - zp`` fits int8 (symmetric quantizers of at most 8 bits: zp 0)."""
+        return -128 <= self.lo and self.hi <= 127
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        """``level - zp`` as int8 (see :attr:`centred_fits_int8`): ``clamp(round(x / delta))``, whose product with
+        ``scale`` is the fake quantizer's output."""
+        return (x / self.delta).round_().clamp_(self.lo, self.hi).to(torch.int8)
+
     def int8(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Codes minus 128 as int8 (``_int_mm`` takes signed operands); the zero point becomes ``zero_point - 128``."""
         y = (x.div_(self.delta) if inplace else x / self.delta).round_().clamp_(self.lo, self.hi)
@@ -267,6 +277,61 @@ class IntegerLayer(nn.Module):
         return out if len(parts) == 1 else out.add_(self.kernels[1](parts[1], inplace))
 
 
+def batched_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``bmm`` of int8 [B, M, K] x [B, K, N] -> int32, one ``torch._int_mm`` per sample (it is 2-D only); zero
+    padding to the shapes cuBLAS accepts (M > 16, K and N multiples of 8)."""
+    m, k, n = a.shape[1], a.shape[2], b.shape[2]
+    if m <= 16 or k % 8 or n % 8:
+        a, b = F.pad(a, (0, -k % 8, 0, max(0, 17 - m))), F.pad(b, (0, -n % 8, 0, -k % 8))
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device=a.device)
+    for i in range(a.shape[0]):
+        torch._int_mm(a[i], b[i], out=out[i])
+    return out[:, :m, :n]
+
+
+class IntegerAttnBlock(nn.Module):
+    """``QuantAttnBlock`` with integer q/k/v/proj_out layers and integer attention matmuls: q.k and w.v multiply
+    the int8 levels of the calibrated q/k/v/softmax quantizers (exact int32) and rescale once, where the fake-quant
+    block multiplies their dequantized fp32 values. Needs quantizers whose centred levels fit int8 (symmetric, as
+    Q-Diffusion's ``--a_sym``); :func:`to_integer` keeps the fake-quant matmuls otherwise."""
+
+    def __init__(self, block: QuantAttnBlock, backend: str):
+        super().__init__()
+        self.norm = _group_norm(block.norm)
+        self.q, self.k, self.v = (IntegerLayer(getattr(block, n), backend) for n in ("q", "k", "v"))
+        self.proj_out = IntegerLayer(block.proj_out, backend, consumes_input=True)
+        self.codes_q, self.codes_k, self.codes_v, self.codes_w = (
+            ActivationCodes(getattr(block, f"act_quantizer_{n}")) for n in "qkvw")
+
+    @staticmethod
+    def supports(block: QuantAttnBlock) -> bool:
+        return all(-128 <= q.qmin - q.zero_point.item() and q.qmax - q.zero_point.item() <= 127
+                   for q in (block.act_quantizer_q, block.act_quantizer_k, block.act_quantizer_v,
+                             block.act_quantizer_w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        return self.proj_out(self.mix(torch.softmax(self.logits(q, k), dim=2), v)).add_(x)
+
+    @staticmethod
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        """[b, c, hh, ww] channels-last -> [b, hh*ww, c] (a view)."""
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, t.shape[1])
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``q^T k / sqrt(c)`` [b, hw, hw] from the int8 levels of q and k."""
+        cq, ck = self.rows(self.codes_q.centred(q)), self.rows(self.codes_k.centred(k))
+        scores = batched_int_mm(cq, ck.transpose(1, 2).contiguous()).float()
+        return scores.mul_(self.codes_q.scale * self.codes_k.scale).mul_(int(q.shape[1]) ** -0.5)
+
+    def mix(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``v w^T`` [b, c, hh, ww] (channels-last) from the int8 levels of the probabilities and of v."""
+        b, c, hh, ww = v.shape
+        h = batched_int_mm(self.codes_w.centred(w), self.rows(self.codes_v.centred(v)))
+        return h.float().mul_(self.codes_w.scale * self.codes_v.scale).view(b, hh, ww, c).permute(0, 3, 1, 2)
+
+
 def silu_(x: torch.Tensor) -> torch.Tensor:
     """``swish`` in place: ``x * sigmoid(x)`` bit for bit, one temporary less."""
     return x.mul_(torch.sigmoid(x))
@@ -379,10 +444,13 @@ def to_integer(qmodel: QuantizedUNet, backend: str | None = None) -> IntegerUNet
     # deep-copy the network with every resnet block, QuantLayer and GroupNorm replaced by its integer-runtime
     # counterpart (fp32 weights are never copied)
     memo: dict[int, nn.Module] = {}
-    blocks = tuple(name + "." for name, m in qmodel.model.named_modules() if isinstance(m, QuantResnetBlock))
+    blocks = tuple(name + "." for name, m in qmodel.model.named_modules()
+                   if isinstance(m, QuantResnetBlock) or isinstance(m, QuantAttnBlock) and IntegerAttnBlock.supports(m))
     for name, m in qmodel.model.named_modules():
         if isinstance(m, QuantResnetBlock):
             memo[id(m)] = IntegerResnetBlock(m, backend)
+        elif isinstance(m, QuantAttnBlock) and IntegerAttnBlock.supports(m):
+            memo[id(m)] = IntegerAttnBlock(m, backend)
         elif name.startswith(blocks):
             continue
         elif isinstance(m, QuantLayer):
