@@ -1,5 +1,5 @@
-"""Sampling speed: FP vs fake-quant vs the integer runtime (``to_integer``), K=1 and K=4, W4A8 and W8A8; plus the
-resident bytes of the K=4 integer runtime vs the FP model.
+"""Sampling speed: FP vs fake-quant vs the integer runtime (``to_integer``), K=1 and K=4, W4A8 and W8A8 (asymmetric
+weights as the reference, and the symmetric-weight option); plus the resident bytes of the K=4 integer runtime vs FP.
 
 For each model and bit width the runs are timed interleaved in one process (best of ``--repeats``) next to their own
 FP run, so every ratio compares like with like on a machine that other jobs load. K segment models are K
@@ -24,10 +24,14 @@ from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_check
 from mmqdiff.quant import QuantConfig, quantize_model, set_rounding, to_integer
 
 
-def quantized_copies(fp: torch.nn.Module, k: int, bits: int, calib: torch.Tensor) -> list[torch.nn.Module]:
+CONFIGS = {"W4A8": QuantConfig(weight_bits=4), "W8A8": QuantConfig(weight_bits=8),
+           "W8A8 sym-w": QuantConfig(weight_bits=8, weight_symmetric=True)}  # sym-w: symmetric weights (zero point 0)
+
+
+def quantized_copies(fp: torch.nn.Module, k: int, config: QuantConfig, calib: torch.Tensor) -> list[torch.nn.Module]:
     models = []
     for _ in range(k):
-        q = quantize_model(fp, QuantConfig(weight_bits=bits)).eval()
+        q = quantize_model(fp, config).eval()
         q.set_quant_state(True, True)
         with torch.no_grad():
             q(calib, torch.full((calib.shape[0],), 500.0, device=calib.device))  # activation init
@@ -66,10 +70,9 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
                 device: torch.device) -> None:
     shape = (batch, fp.in_channels, fp.resolution, fp.resolution)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    for bits in (4, 8):
-        fakes = quantized_copies(fp, 4, bits, x_T[:16])
+    for name, config in CONFIGS.items():
+        fakes = quantized_copies(fp, 4, config, x_T[:16])
         ints = [to_integer(q) for q in fakes]
-        name = f"W{bits}A8"
         runs = {"FP": [fp], f"{name} fake K=1": fakes[:1], f"{name} fake K=4": fakes, f"{name} int K=1": ints[:1],
                 f"{name} int K=4": ints}
         best = time_runs(runs, x_T, steps, args.repeats)
@@ -77,7 +80,7 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
             forwards = steps * batch
             print(f"| {label} | {batch} | {steps} | {run} | {sec:.2f} | {1e3 * sec / forwards:.2f} | "
                   f"{sec / best['FP']:.2f} |", flush=True)
-        if bits == 4:
+        if name == "W4A8":
             fp_bytes = sum(p.numel() * p.element_size() for p in fp.parameters())
             fp_weights = sum(m.weight.numel() * 4 for m in fp.modules()
                              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))

@@ -17,8 +17,9 @@ from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_beta
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter, load_samples
 from mmqdiff.manifest import segment_dir, write_manifest
 from mmqdiff.metrics import psnr
-from mmqdiff.quant import (AdaRoundQuantizer, IntegerUNet, IntegerUnsupported, QuantConfig, QuantLayer, UniformAffineQuantizer,
-                           config_from_state, export_packed, load_packed, quantize_model, set_rounding, to_integer)
+from mmqdiff.quant import (AdaRoundQuantizer, IntegerUNet, IntegerUnsupported, QuantConfig, QuantLayer,
+                           UniformAffineQuantizer, config_from_state, export_packed, load_packed, quant_layers,
+                           quantize_model, set_rounding, to_integer)
 from mmqdiff.quant.integer import ActivationCodes, IntegerAttnBlock, IntegerLayer, onednn_available, weight_codes
 
 from .conftest import ROOT, TINY
@@ -107,6 +108,21 @@ def test_w8_weight_offsets_are_exact():
     assert torch.equal(scale, q.delta.reshape(-1))
     w4 = AdaRoundQuantizer(w, n_bits=4)
     assert not weight_codes(w4, w)[2].any()  # W4: q - zp in [-15, 15], no offsets
+
+
+def test_symmetric_weight_option_needs_no_offsets_and_old_exports_still_load(embedded, trajectories):
+    xs, ts = trajectories
+    q = quantize_model(embedded, QuantConfig(weight_bits=8, weight_symmetric=True))
+    layer = q.model.conv_in
+    assert layer.weight_quantizer.symmetric and bool((layer.weight_quantizer.zero_point == 0).all())
+    for layer in quant_layers(q):
+        for wq, w in zip(layer.weight_quantizers(), layer.halves(layer.weight)):
+            assert not weight_codes(wq, w)[2].any()  # W8 codes in [-128, 127]: no offsets
+    # an export written before the option existed (no config.weight_symmetric) loads as asymmetric
+    old = export_packed(embedded_quantized(embedded, trajectories, 8))
+    del old["config.weight_symmetric"]
+    rebuilt = load_packed(quantize_model(embedded, config_from_state(old)), old)
+    assert not rebuilt.config.weight_symmetric
 
 
 # -- every layer within the float32 accumulation bound -------------------------------------------------------------

@@ -5,13 +5,16 @@ Why it matches the fake-quant model: the input codes are the activation quantize
 the same step, same round-half-even, same clamp), the weight codes are the weight quantizer's levels minus its zero
 point, and the integer dot products are exact, so the only differences are float32 roundings (the fake-quant conv
 accumulates in fp32; the integer path rounds once when it rescales). Outputs stay fp32 (the fake-quant model does not
-quantize them); GroupNorm, SiLU, residual adds and the attention matmuls (fake-quant q/k/v/softmax, as
-``QuantAttnBlock``) run in fp32 unchanged.
+quantize them); GroupNorm, SiLU, softmax and residual adds run in fp32. The attention products q.k and p.v multiply
+the integer levels of the q/k/v/softmax quantizers (:class:`IntegerAttnBlock`) where those fit int8 (symmetric
+activations, the default); otherwise the block keeps ``QuantAttnBlock``'s fake-quant matmuls.
 
 Weights: ``q - zp`` of a b-bit asymmetric quantizer spans ``[-(2^b-1), 2^b-1]``. A channel whose values fit int8
 (all of them at W4) is used as is. Otherwise (W8) the channel is stored as ``w - o`` with a per-channel integer
 offset ``o`` that brings it into int8, and ``o * S`` is added back, ``S`` being the sum of ``x_code - x_zp`` over the
-receptive field (an integer, computed exactly), so the result stays exact with no extra weight bytes.
+receptive field (an integer, computed exactly), so the result stays exact with no extra weight bytes. That costs
+a channel sum of the codes and a multiply-add over the output per layer (W8A8 runs noticeably slower than W4A8);
+symmetric weights (``QuantConfig(weight_symmetric=True)``, zero point 0) fit int8 as they are and need none.
 
 Glue: the resnet blocks run the FP block's ops on the same operands but write into temporaries (in place), and
 GroupNorm is computed in the channels-last layout (see :class:`ChannelsLastGroupNorm`); every fp32 value outside the
