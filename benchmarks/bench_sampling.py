@@ -1,15 +1,19 @@
-"""Sampling throughput: FP vs K=1 vs K=4 fake-quant models (images/s, same batch, same run, interleaved).
+"""Sampling speed: FP vs fake-quant vs the integer runtime (``to_integer``), K=1 and K=4, W4A8 and W8A8 (asymmetric
+weights as the reference, and the symmetric-weight option); plus the resident bytes of the K=4 integer runtime vs FP.
 
-K segment models are K independently quantized copies, frozen, exactly what MultiModelSampler holds; their
-calibrated values do not affect speed, so no calibration run is needed. Switching is a list lookup per step.
+For each model and bit width the runs are timed interleaved in one process (best of ``--repeats``) next to their own
+FP run, so every ratio compares like with like on a machine that other jobs load. K segment models are K
+independently quantized copies (nearest rounding, activation ranges from one random batch; calibrated values do not
+change speed); K=1 uses the first of them. The embedded UNet samples ``--steps`` quad steps; the CIFAR-10 config
+(random weights) runs ``--cifar-steps`` steps of the same kind (the time ratio is per forward, K=4 still switches).
 
-    .venv/bin/python benchmarks/bench_sampling.py [--steps 100] [--batch 256] [--repeats 2] [--device cpu|cuda]
-
-It also times one FP forward of the full CIFAR-10 model (random weights) at ``--cifar-batch`` (0 skips it).
+    .venv/bin/python benchmarks/bench_sampling.py --threads 2 [--embedded-batch 128] [--cifar-batches 8 64]
+        [--steps 100] [--cifar-steps 4] [--repeats 2] [--device cpu|cuda] [--only embedded|cifar10]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -17,13 +21,17 @@ import torch
 
 from mmqdiff.data import segment_of_step, timestep_segments
 from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_checkpoint, segment_switch, timesteps
-from mmqdiff.quant import QuantConfig, quantize_model, set_rounding
+from mmqdiff.quant import QuantConfig, quantize_model, set_rounding, to_integer
 
 
-def quantized_copies(fp: torch.nn.Module, k: int, calib: torch.Tensor) -> list[torch.nn.Module]:
+CONFIGS = {"W4A8": QuantConfig(weight_bits=4), "W8A8": QuantConfig(weight_bits=8),
+           "W8A8 sym-w": QuantConfig(weight_bits=8, weight_symmetric=True)}  # sym-w: symmetric weights (zero point 0)
+
+
+def quantized_copies(fp: torch.nn.Module, k: int, config: QuantConfig, calib: torch.Tensor) -> list[torch.nn.Module]:
     models = []
     for _ in range(k):
-        q = quantize_model(fp, QuantConfig()).eval()
+        q = quantize_model(fp, config).eval()
         q.set_quant_state(True, True)
         with torch.no_grad():
             q(calib, torch.full((calib.shape[0],), 500.0, device=calib.device))  # activation init
@@ -33,72 +41,86 @@ def quantized_copies(fp: torch.nn.Module, k: int, calib: torch.Tensor) -> list[t
     return models
 
 
-def cifar_forward_seconds(batch: int, repeats: int, device: torch.device) -> float:
-    model = build_model("configs/cifar10.yaml").eval().to(device)
-    x, t = torch.randn(batch, 3, 32, 32, device=device), torch.full((batch,), 500.0, device=device)
-    best = float("inf")
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(runs: dict[str, list[torch.nn.Module]], x_T: torch.Tensor, steps: int, repeats: int
+              ) -> dict[str, float]:
+    """Best wall seconds of one DDIM sampling of ``x_T`` per run, the runs interleaved ``repeats`` times."""
+    seq, betas = timesteps(steps, "quad"), linear_betas().to(x_T.device)
+    switches = {name: segment_switch(models, segment_of_step(timestep_segments(steps, len(models))))
+                for name, models in runs.items()}
+    best = {name: float("inf") for name in runs}
     with torch.inference_mode():
-        model(x, t)
+        for switch in switches.values():  # warm-up (onednn primitive creation, allocator)
+            ddim_sample(switch, x_T, seq[:2], betas)
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(x, t)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
+            for name, switch in switches.items():
+                sync(x_T.device)
+                start = time.perf_counter()
+                ddim_sample(switch, x_T, seq, betas)
+                sync(x_T.device)
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: argparse.Namespace,
+                device: torch.device) -> None:
+    shape = (batch, fp.in_channels, fp.resolution, fp.resolution)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    for name, config in CONFIGS.items():
+        fakes = quantized_copies(fp, 4, config, x_T[:16])
+        ints = [to_integer(q) for q in fakes]
+        runs = {"FP": [fp], f"{name} fake K=1": fakes[:1], f"{name} fake K=4": fakes, f"{name} int K=1": ints[:1],
+                f"{name} int K=4": ints}
+        best = time_runs(runs, x_T, steps, args.repeats)
+        for run, sec in best.items():
+            forwards = steps * batch
+            print(f"| {label} | {batch} | {steps} | {run} | {sec:.2f} | {1e3 * sec / forwards:.2f} | "
+                  f"{sec / best['FP']:.2f} |", flush=True)
+        if name == "W4A8":
+            fp_bytes = sum(p.numel() * p.element_size() for p in fp.parameters())
+            fp_weights = sum(m.weight.numel() * 4 for m in fp.modules()
+                             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+            codes = sum(k.code_nbytes for m in ints for k in m.kernels())
+            resident = sum(m.resident_nbytes() for m in ints)
+            bytes_line = (f"{label}: FP parameters {fp_bytes:,} B (conv/linear weights {fp_weights:,} B); "
+                          f"K=4 W4A8 integer runtime: int8 weight codes {codes:,} B ({codes / fp_weights:.3f}x FP "
+                          f"weights), all resident tensors {resident:,} B ({resident / fp_bytes:.3f}x FP parameters)")
+        del fakes, ints
+    print(f"\n{bytes_line}\n", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="configs/embedded.yaml")
     ap.add_argument("--checkpoint", default="checkpoints/embedded_unet.pt")
+    ap.add_argument("--embedded-batch", type=int, default=128)
+    ap.add_argument("--cifar-batches", type=int, nargs="*", default=[8, 64])
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--cifar-steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--cifar-batch", type=int, default=64)
+    ap.add_argument("--only", choices=["embedded", "cifar10"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    fp = build_model(args.config)
-    if args.checkpoint:
-        load_checkpoint(fp, args.checkpoint)
-    fp = fp.eval().to(device)
-    shape = (args.batch, fp.in_channels, fp.resolution, fp.resolution)
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    seq, betas = timesteps(args.steps, "quad"), linear_betas().to(device)
-    runs = {"FP": lambda i: fp}
-    for k in (1, 4):
-        runs[f"W4A8 K={k}"] = segment_switch(quantized_copies(fp, k, x_T[:64]),
-                                             segment_of_step(timestep_segments(args.steps, k)))
-    best = {name: float("inf") for name in runs}
-    with torch.inference_mode():
-        for name, model_for_step in runs.items():  # warm-up
-            ddim_sample(model_for_step, x_T, seq[:3], betas)
-        for _ in range(args.repeats):
-            for name, model_for_step in runs.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                ddim_sample(model_for_step, x_T, seq, betas)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best[name] = min(best[name], time.perf_counter() - start)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
-    print(f"device {dev}, threads {args.threads}, torch {torch.__version__}, config {args.config}, "
-          f"batch {args.batch}, {args.steps} quad steps, best of {args.repeats}")
-    print("| run | s per batch | images/s | time vs FP | time vs K=1 |")
-    print("|---|---|---|---|---|")
-    for name, sec in best.items():
-        print(f"| {name} | {sec:.2f} | {args.batch / sec:.1f} | {sec / best['FP']:.2f} | "
-              f"{sec / best['W4A8 K=1']:.2f} |")
-    if args.cifar_batch:
-        sec = cifar_forward_seconds(args.cifar_batch, args.repeats + 1, device)
-        print(f"CIFAR-10 model (35.7M params, random weights) FP forward, batch {args.cifar_batch}: {sec * 1e3:.0f} ms "
-              f"({args.cifar_batch / sec:.1f} images/s per step; 100 steps: {100 * sec / args.cifar_batch:.2f} s/image)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {dev}, {args.threads} threads, torch {torch.__version__}, float32 eager, inference mode, best of "
+          f"{args.repeats} interleaved; load average at start {load:.1f}\n")
+    print("| model | batch | steps | run | s per sampling | ms per image-step | time vs FP |")
+    print("|---|---|---|---|---|---|---|")
+    if args.only in (None, "embedded"):
+        fp = load_checkpoint(build_model("configs/embedded.yaml"), args.checkpoint).eval().to(device)
+        bench_model("embedded 16x16", fp, args.embedded_batch, args.steps, args, device)
+    if args.only in (None, "cifar10"):
+        torch.manual_seed(0)
+        fp = build_model("configs/cifar10.yaml").eval().to(device)
+        for batch in args.cifar_batches:
+            bench_model("cifar10 32x32 (random weights)", fp, batch, args.cifar_steps, args, device)
 
 
 if __name__ == "__main__":

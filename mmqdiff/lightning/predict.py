@@ -8,6 +8,7 @@ it continues with the same settings, see :mod:`mmqdiff.sample_folder`); noise fo
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ..data import segment_of_step
@@ -27,6 +29,9 @@ from .run_lock import LOCK_NAME, hold_run_lock
 from .strategy import decided_by_zero
 from ..plots import save_sample_grid
 from ..metrics import InceptionExtractor, embedded_extractor, psnr_per_image, score_images, to_uint8
+from ..quant import IntegerUnsupported, to_integer
+
+RUNTIMES = ("int", "fake")
 
 
 class MultiModelSampler(L.LightningModule):
@@ -36,15 +41,21 @@ class MultiModelSampler(L.LightningModule):
                  skip_type: str = "quad", eta: float = 0.0, seed: int = 1234, fp_error_images: int = 64,
                  real_source: str | None = "synthetic", feature_extractor: str | None = None,
                  inception_weights: str | None = None, num_real: int = 5000, kid_subset_size: int = 1000,
-                 fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache", score_chunks: int = 1):
+                 fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache", score_chunks: int = 1,
+                 runtime: str = "int"):
         """``real_source`` ("synthetic", a ``cifar-10-batches-py`` folder or a PNG folder; None skips scoring) is
         scored with ``feature_extractor`` (the embedded classifier) or ``inception_weights`` (a local torch-fidelity
         Inception file); ``fp_samples`` is an FP sampling run's folder for PSNR on identical noise.
         ``fp_error_images``: images with index below it also run the FP model on every x_t of their (quantized)
         trajectory for the per-step noise-prediction error; it costs one FP forward per step for those images.
         ``score_chunks`` > 1 also scores that many disjoint index-ordered chunks (FID/KID/IS/PSNR per chunk and
-        their spread; see ``metrics.chunk_spread``)."""
+        their spread; see ``metrics.chunk_spread``).
+        ``runtime``: "int" runs the segment models' convs/linears as int8 kernels (``mmqdiff.quant.to_integer``,
+        packed once when prediction starts), falling back to "fake" with one warning where the backend cannot;
+        "fake" simulates quantization in fp32. FP runs ignore it."""
         super().__init__()
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if real_source is not None and (feature_extractor is None) == (inception_weights is None):
             raise ValueError("scoring needs exactly one of feature_extractor (embedded default) or inception_weights")
         self.save_hyperparameters()
@@ -68,6 +79,24 @@ class MultiModelSampler(L.LightningModule):
             self.segment_models = torch.nn.ModuleList(models)
         self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
         self.quantized = calibration_run is not None
+        self.runtime = runtime if self.quantized else "fp"
+        self.sampling_seconds, self.images_sampled = 0.0, 0  # this run's predict steps, FP-error tracking excluded
+
+    def on_predict_start(self) -> None:
+        """Pack the integer runtime once, on the device Lightning moved the models to (switching costs nothing)."""
+        if self.runtime != "int":
+            return
+        probe = torch.zeros(1, *self.image_shape, device=self.device), torch.full((1,), 500.0, device=self.device)
+        try:
+            models = [to_integer(m) for m in self.segment_models]
+            for m in models:  # one tiny forward: a backend that builds but cannot run is caught here, not mid-run
+                m(*probe)
+        except (IntegerUnsupported, RuntimeError) as e:
+            self.runtime = "fake"
+            rank_zero_warn(f"runtime 'fake' instead of 'int': {e}")
+            return
+        self.segment_models = torch.nn.ModuleList(models)  # the fake-quant copies (fp32 weights) are released
+        self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
 
     def sampling_record(self) -> dict[str, Any]:
         """What makes the images (``identity``: a resumed run must match it) and where it came from (``info``). The
@@ -80,20 +109,26 @@ class MultiModelSampler(L.LightningModule):
                          "calibration_run": h.calibration_run}}
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        start, tracking = self._clock(), 0.0
         noise = IndexedNoise(self.hparams.seed, indices.tolist(), self.image_shape, self.device)
         tracked = (indices < self.hparams.fp_error_images).nonzero().flatten().to(self.device)
         step_mse = torch.zeros(len(tracked), len(self.seq))
 
         def fp_error(i: int, t: int, x: torch.Tensor, eps: torch.Tensor) -> None:
             # noise-prediction error of the model in use against FP on the very same x_t
+            nonlocal tracking
+            begin = self._clock()
             x, eps = x[tracked], eps[tracked]
             ref = self.fp_model(x, torch.full((x.shape[0],), float(t), device=x.device))
             step_mse[:, i] = (eps - ref).pow(2).flatten(1).mean(1).cpu()
+            tracking += self._clock() - begin
 
         track = self.quantized and len(tracked) > 0
         x = ddim_sample(self.model_for_step, noise(), self.seq, self.betas, self.hparams.eta,
                         callback=fp_error if track else None, noise_fn=noise)
         out = {"indices": indices.cpu(), "images": to_uint8(x).cpu()}
+        self.sampling_seconds += self._clock() - start - tracking
+        self.images_sampled += len(indices)
         if track:
             out["step_mse_indices"], out["step_mse"] = indices[tracked.cpu()].cpu(), step_mse
         return out
@@ -109,12 +144,22 @@ class MultiModelSampler(L.LightningModule):
         """Rank 0 gathers all images (``samples.npz``, ``grid.png``, ``per_step_mse.json``) and scores them."""
         data = self.trainer.datamodule
         self.trainer.strategy.barrier()
+        seconds, images = self.trainer.strategy.reduce(
+            torch.tensor([self.sampling_seconds, self.images_sampled], dtype=torch.float64, device=self.device),
+            reduce_op="sum").tolist()
         if self.trainer.is_global_zero:
             summary = finalize_samples(data.output_dir, data.num_images)
+            summary["runtime"] = self.runtime
+            summary["sampling_seconds_per_image"] = seconds / images if images else None
             if self.hparams.real_source is not None:
                 summary.update(self.score(data.output_dir))
             atomic_write_text(Path(data.output_dir) / "metrics.json", json.dumps(summary, indent=1))
         self.trainer.strategy.barrier()
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     @torch.inference_mode(False)
     def score(self, output_dir: str | Path) -> dict[str, Any]:

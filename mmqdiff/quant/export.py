@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .model import QuantizedUNet, StateValue, check_state, load_quant_state, quant_state_dict
+from .model import QuantizedUNet, StateValue, check_state, load_quant_state, quant_state_dict, with_config_defaults
 from .modules import QuantLayer
 
 FORMAT = "mmqdiff.packed/1"
@@ -100,6 +100,7 @@ def load_packed(qmodel: QuantizedUNet, export: dict[str, Any]) -> QuantizedUNet:
     """
     if export.get("format") != FORMAT:
         raise ValueError(f"not a packed export: format {export.get('format')!r}, expected {FORMAT!r}")
+    export = with_config_defaults(export)
     expected = export_packed(qmodel)
     check_state(expected, export, "packed export")
     state = quant_state_dict(qmodel)  # keeps qmodel's alphas: unused once weights sit on the grid

@@ -172,9 +172,17 @@ def check_state(expected: dict[str, StateValue], state: dict[str, Any], what: st
             raise ValueError(f"{what}: key {key!r} is {got!r} but this model has {want!r}")
 
 
+def with_config_defaults(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` plus, at their defaults, the ``config.*`` fields of QuantConfig it predates (a file written before
+    the field existed), so older quant states and exports still load."""
+    defaults = {f"config.{f.name}": f.default for f in fields(QuantConfig)}
+    return {**{k: v for k, v in defaults.items() if k not in state}, **state}
+
+
 def load_quant_state(qmodel: QuantizedUNet, state: dict[str, Any]) -> None:
     """Load a :func:`quant_state_dict` into a model built with the same FP architecture and config; validates every
     key first (ValueError naming it) and drops frozen weight caches (call ``freeze()`` again for inference)."""
+    state = with_config_defaults(state)
     check_state(quant_state_dict(qmodel), state, "quant state")
     sd: dict[str, Any] = {}
     extra: dict[str, dict[str, Any]] = {}  # scalar entries regrouped into their module's extra state

@@ -18,7 +18,11 @@ UNIT_ORDERS = ("forward", "registration")
 class QuantConfig:
     """What to quantize and how. Defaults are the Q-Diffusion CIFAR README settings (W4A8, ``--a_sym``, ``--split``,
     'max' init, nothing kept FP) except ``unit_order``: "forward" calibrates units in the order they run;
-    "registration" restores the reference order (module registration, 38 units on CIFAR-10)."""
+    "registration" restores the reference order (module registration, 38 units on CIFAR-10).
+
+    ``weight_symmetric`` (off: the reference's asymmetric weights) quantizes weights per channel with zero point 0,
+    an integer-friendly option: 8-bit weight codes then fit int8 as they are and the integer runtime
+    (``to_integer``) needs no offset correction; its quality cost is measured in benchmarks/RESULTS.md."""
 
     weight_bits: int = 4
     act_bits: int = 8
@@ -31,6 +35,7 @@ class QuantConfig:
     unit_order: str = "forward"
     quant_act: bool = True
     regularize_split_half: bool = False
+    weight_symmetric: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weight_init", "act_init"):
@@ -95,7 +100,8 @@ class QuantLayer(Quantized):
         for i, w in enumerate(self.halves(layer.weight.detach())):
             suffix = "_0" if i else ""
             self.add_module("weight_quantizer" + suffix, AdaRoundQuantizer(
-                w, cfg.weight_bits, symmetric=False, init=cfg.weight_init, regularized=regularized[i]))
+                w, cfg.weight_bits, symmetric=cfg.weight_symmetric, init=cfg.weight_init,
+                regularized=regularized[i]))
             self.add_module("act_quantizer" + suffix, act_quantizer(cfg.act_bits, cfg))
         self.register_buffer("_frozen_weight", None, persistent=False)  # a buffer so .to(device) moves it
 
