@@ -106,7 +106,7 @@ class MultiModelSampler(L.LightningModule):
                              "seed": h.seed, "num_steps": h.num_steps, "skip_type": h.skip_type, "eta": h.eta,
                              "image_shape": list(self.image_shape)},
                 "info": {"checkpoint": str(h.checkpoint), "checkpoint_sha256": file_sha256(h.checkpoint),
-                         "calibration_run": h.calibration_run}}
+                         "calibration_run": None if h.calibration_run is None else str(h.calibration_run)}}
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
         start, tracking = self._clock(), 0.0
