@@ -24,7 +24,7 @@ from .plots import metric_bars_plot, per_step_error_plot, run_colors
 
 REQUIRED_KEYS = ("name", "segments", "weight_bits", "act_bits", "fid", "is", "kid", "psnr_vs_fp", "model_bytes",
                  "calib_seconds", "peak_mem_bytes")
-COLUMNS = ("name", "K", "W/A bits", "calib iters", "FID", "IS", "KID", "PSNR vs FP (dB)", "held-out MSE",
+COLUMNS = ("name", "K", "W/A bits", "calib iters", "FID", "IS", "KID", "PSNR vs FP (dB)", "held-out x-MSE",
            "model MiB", "calib s", "sample s/img", "peak mem MiB")
 
 
@@ -62,12 +62,12 @@ def _mib(v: Any) -> str:
 
 
 def _iters(r: dict) -> str:
-    """Reconstruction iterations per unit and phase (weight/act), times K segments when K > 1: the calibration
-    compute that equal-compute comparisons hold fixed."""
-    if r.get("calib_iters") is None:
+    """Reconstruction iterations per unit (weight/act) summed over the run's segments, "(K seg)" when K > 1: the
+    calibration compute that equal-compute comparisons hold fixed."""
+    total = r.get("calib_iters_total") or r.get("calib_iters")
+    if total is None:
         return "-"
-    w, a = r["calib_iters"]
-    return f"{w}/{a}" if not r["segments"] or r["segments"] == 1 else f"{r['segments']}x{w}/{a}"
+    return f"{total[0]}/{total[1]}" + (f" ({r['segments']} seg)" if (r["segments"] or 1) > 1 else "")
 
 
 def table_rows(runs: Sequence[dict], spread: bool = True) -> list[list[str]]:
@@ -81,7 +81,7 @@ def table_rows(runs: Sequence[dict], spread: bool = True) -> list[list[str]]:
         rows.append([str(r["name"]), "-" if r["segments"] is None else str(r["segments"]), bits, _iters(r),
                      _num(r["fid"], ".2f", sd("fid_std")), _num(r["is"], ".2f", sd("is_chunk_std")),
                      _num(r["kid"], ".4f", sd("kid_chunk_std")), _num(r["psnr_vs_fp"], ".2f", sd("psnr_std")),
-                     _num(r.get("heldout_mse"), ".2e"), _mib(r["model_bytes"]), _num(r["calib_seconds"], ".1f"),
+                     _num(r.get("heldout_x_mse"), ".2e"), _mib(r["model_bytes"]), _num(r["calib_seconds"], ".1f"),
                      _num(r.get("sampling_seconds_per_image"), ".3f"), _mib(r["peak_mem_bytes"])])
     return rows
 
@@ -92,9 +92,10 @@ def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path
     lines += ["", "FID, IS, KID and PSNR are over all images; ± is the standard deviation of the same score over "
               "disjoint image chunks (chunk j of every run holds the same noise indices). A difference inside it is "
               "not a difference. PSNR vs FP: mean per-image PSNR against FP samples from identical noise. Held-out "
-              "MSE: noise-prediction error against FP on calibration-file trajectories calibration never used, mean "
-              "over all steps. K: number of timestep-segment models; calib iters: reconstruction iterations per "
-              "unit (weight/act), times K."]
+              "x-MSE: noise-prediction error against FP on calibration-file trajectories calibration never used, each "
+              "step weighted by its effect on the sample (mmqdiff.evaluation.sample_space_error). K: number of "
+              "timestep-segment models; calib iters: reconstruction iterations per unit (weight/act), summed over "
+              "the segments."]
     chunked = [r for r in runs if r.get("fid_chunks")]
     if chunked:
         lines += ["", "## Scores per chunk", "", "| name | FID per chunk | PSNR per chunk |", "|---|---|---|"]
