@@ -16,9 +16,9 @@ receptive field (an integer, computed exactly), so the result stays exact with n
 a channel sum of the codes and a multiply-add over the output per layer (W8A8 runs noticeably slower than W4A8);
 symmetric weights (``QuantConfig(weight_symmetric=True)``, zero point 0) fit int8 as they are and need none.
 
-Glue: the resnet blocks run the FP block's ops on the same operands but write into temporaries (in place), and
+Glue: the resnet blocks run the FP block's ops (SiLU as one in-place ``F.silu``) writing into temporaries, and
 GroupNorm is computed in the channels-last layout (see :class:`ChannelsLastGroupNorm`); every fp32 value outside the
-quantized layers is therefore computed as in the fake-quant model up to float32 rounding.
+quantized layers is computed as in the fake-quant model up to float32 rounding.
 
 Backends (maintained kernels only, chosen by measurement, see benchmarks/RESULTS.md):
 - ``onednn`` (CPU): convolutions through PyTorch's x86 ``onednn::qconv_pointwise`` with uint8 input and fp32
@@ -336,14 +336,14 @@ class IntegerAttnBlock(nn.Module):
 
 
 def silu_(x: torch.Tensor) -> torch.Tensor:
-    """``swish`` in place: ``x * sigmoid(x)`` bit for bit, one temporary less."""
-    return x.mul_(torch.sigmoid(x))
+    """``swish`` in place, one pass (``F.silu``; equal to ``x * sigmoid(x)`` up to float32 rounding)."""
+    return F.silu(x, inplace=True)
 
 
 class IntegerResnetBlock(nn.Module):
-    """``QuantResnetBlock`` with integer layers and in-place fp32 glue (same values as ``ResnetBlock.forward``: the
-    same ops on the same operands, written into temporaries instead of new tensors). Inference only: dropout is the
-    identity. The split shortcut overwrites its input, the ``cat(h, skip)`` that ``Model.forward`` builds for it."""
+    """``QuantResnetBlock`` with integer layers and in-place fp32 glue (``ResnetBlock.forward``'s ops, written into
+    temporaries instead of new tensors). Inference only: dropout is the identity. The split shortcut overwrites its
+    input, the ``cat(h, skip)`` that ``Model.forward`` builds for it."""
 
     def __init__(self, block: nn.Module, backend: str):
         super().__init__()
@@ -359,18 +359,19 @@ class IntegerResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(silu_(self.norm1(x)))
         h.add_(self.temb_proj(swish(temb))[:, :, None, None])
-        h = self.conv2(silu_(self.norm2(h)))
+        h = self.conv2(silu_(self.norm2(h, inplace=True)))
         return h.add_(getattr(self, self.shortcut_name)(x) if self.shortcut_name else x)
 
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
     """GroupNorm in the channels-last layout the integer convs produce (converting layouts costs several plain
-    passes here): two-pass statistics from per-channel means, which are fast reductions in this layout. Measured on
-    the 2-core CPU (whole forward, W4A8): 0.52x FP on the embedded model vs 0.79x with PyTorch's channels-last
-    GroupNorm kernel (slow at few channels per group and large batches), 0.40-0.46x vs 0.37-0.42x on CIFAR-10.
-    Float32 like the FP model's GroupNorm; values differ from it by rounding only."""
+    passes here): two-pass statistics from per-channel means, which are fast reductions in this layout. PyTorch's
+    own channels-last GroupNorm kernel is many times slower at one or two channels per group and large batches (the
+    embedded model), see benchmarks/bench_int_kernels.py. Float32 like the FP model's GroupNorm; values differ from
+    it by rounding only."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``inplace``: ``x`` is a temporary and may be overwritten (saves one allocation)."""
         x = x.contiguous(memory_format=torch.channels_last)
         b, c = x.shape[:2]
         g = self.num_groups
@@ -378,7 +379,7 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         def group_mean(t: torch.Tensor) -> torch.Tensor:  # per (sample, group), broadcast back to channels
             return t.mean((2, 3)).view(b, g, -1).mean(2).repeat_interleave(c // g, 1).view(b, c, 1, 1)
 
-        d = x - group_mean(x)
+        d = x.sub_(group_mean(x)) if inplace else x - group_mean(x)
         scale = (group_mean(d * d) + self.eps).rsqrt_().mul_(self.weight.view(1, c, 1, 1))
         return torch.addcmul(self.bias.view(1, c, 1, 1), d, scale, out=d)
 
