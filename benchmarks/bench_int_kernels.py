@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mmqdiff.quant import UniformAffineQuantizer
 from mmqdiff.quant.integer import (ActivationCodes, ChannelsLastGroupNorm, IntMMKernel, OneDNNKernel,
-                                   batched_int_mm)
+                                   integer_bmm)
 
 CONV = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
 
@@ -79,11 +79,11 @@ def main() -> None:
                          "_int_mm": lambda: intmm(x)}, args.repeats))
         for batch, ch, hw in [(128, 64, 64), (8, 256, 256)]:
             q, k = torch.randn(batch, hw, ch), torch.randn(batch, ch, hw)
-            qi = torch.randint(-127, 128, (batch, hw, ch), dtype=torch.int8)
-            ki = torch.randint(-127, 128, (batch, ch, hw), dtype=torch.int8)
-            row(f"attention q.k, batch {batch}, {hw} positions, {ch} channels (int8 codes given)",
-                best_ms({"fp32 bmm": lambda: torch.bmm(q, k), "_int_mm per sample": lambda: batched_int_mm(qi, ki)},
-                        args.repeats))
+            qi, ki = torch.randint(-127, 128, (batch, hw, ch)).float(), torch.randint(-127, 128, (batch, ch, hw)).float()
+            row(f"attention q.k, batch {batch}, {hw} positions, {ch} channels (integer levels given)",
+                best_ms({"fp32 bmm": lambda: torch.bmm(q, k),
+                         "exact fp32 bmm of levels": lambda: integer_bmm(qi, ki, 127),
+                         "_int_mm per sample": lambda: integer_bmm(qi, ki, 2 ** 12)}, args.repeats))
         for batch, ch, size in [(128, 32, 16), (128, 128, 16), (8, 128, 32), (8, 256, 16)]:
             gn = torch.nn.GroupNorm(32, ch, eps=1e-6)
             ours = ChannelsLastGroupNorm(32, ch, eps=1e-6)

@@ -7,7 +7,7 @@ independently quantized copies (nearest rounding, activation ranges from one ran
 change speed); K=1 uses the first of them. The embedded UNet samples ``--steps`` quad steps; the CIFAR-10 config
 (random weights) runs ``--cifar-steps`` steps of the same kind (the time ratio is per forward, K=4 still switches).
 
-    .venv/bin/python benchmarks/bench_sampling.py --threads 2 [--embedded-batch 128] [--cifar-batches 8 64]
+    .venv/bin/python benchmarks/bench_sampling.py --threads 1 2 [--embedded-batch 128] [--cifar-batches 8 64]
         [--steps 100] [--cifar-steps 4] [--repeats 2] [--device cpu|cuda] [--only embedded|cifar10] [--clock cpu]
 """
 from __future__ import annotations
@@ -76,11 +76,13 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
         ints = [to_integer(q) for q in fakes]
         runs = {"FP": [fp], f"{name} fake K=1": fakes[:1], f"{name} fake K=4": fakes, f"{name} int K=1": ints[:1],
                 f"{name} int K=4": ints}
-        best = time_runs(runs, x_T, steps, args.repeats, CLOCKS[args.clock])
-        for run, sec in best.items():
-            forwards = steps * batch
-            print(f"| {label} | {batch} | {steps} | {run} | {sec:.2f} | {1e3 * sec / forwards:.2f} | "
-                  f"{sec / best['FP']:.2f} |", flush=True)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            best = time_runs(runs, x_T, steps, args.repeats, CLOCKS[args.clock])
+            for run, sec in best.items():
+                forwards = steps * batch
+                print(f"| {label} | {batch} | {threads} | {steps} | {run} | {sec:.2f} | {1e3 * sec / forwards:.2f} | "
+                      f"{sec / best['FP']:.2f} |", flush=True)
         if name == "W4A8":
             fp_bytes = sum(p.numel() * p.element_size() for p in fp.parameters())
             fp_weights = sum(m.weight.numel() * 4 for m in fp.modules()
@@ -102,21 +104,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--cifar-steps", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                    help="torch threads; several: every ratio at each (1: the per-process setting of sampling in "
+                         "several processes, as the embedded main job does)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--only", choices=["embedded", "cifar10"])
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="cpu: CPU seconds instead of wall time, steadier on a machine other jobs load")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device {dev}, {args.threads} threads, torch {torch.__version__}, float32 eager, inference mode, best of "
+    print(f"device {dev}, torch {torch.__version__}, float32 eager, inference mode, best of "
           f"{args.repeats} interleaved, {args.clock} clock, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}; "
           f"load average at start {load:.1f}\n")
-    print("| model | batch | steps | run | s per sampling | ms per image-step | time vs FP |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | batch | threads | steps | run | s per sampling | ms per image-step | time vs FP |")
+    print("|---|---|---|---|---|---|---|---|")
     if args.only in (None, "embedded"):
         fp = load_checkpoint(build_model("configs/embedded.yaml"), args.checkpoint).eval().to(device)
         bench_model("embedded 16x16", fp, args.embedded_batch, args.steps, args, device)

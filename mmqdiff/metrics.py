@@ -204,15 +204,17 @@ class ImageMetrics:
 
 def build_metrics(extractor: FeatureExtractor, kid_subset_size: int = 1000, kid_subsets: int = 100,
                   is_splits: int = 10) -> ImageMetrics:
-    """torchmetrics FID / KID / IS wired to ``extractor`` (features for FID and KID, logits for IS)."""
+    """torchmetrics FID / KID / IS wired to ``extractor`` (features for FID and KID, logits for IS). The images are
+    all scored in one process (rank 0 of a multi-process sampling run, the others waiting): no cross-process sync."""
     features = _Output(extractor, 0)
+    local = dict(sync_on_compute=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
         return ImageMetrics(
-            fid=FrechetInceptionDistance(feature=features, reset_real_features=False),
+            fid=FrechetInceptionDistance(feature=features, reset_real_features=False, **local),
             kid=KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=kid_subset_size,
-                                        reset_real_features=False),
-            inception_score=InceptionScore(feature=_Output(extractor, 1), splits=is_splits),
+                                        reset_real_features=False, **local),
+            inception_score=InceptionScore(feature=_Output(extractor, 1), splits=is_splits, **local),
             kid_subset_size=kid_subset_size)
 
 

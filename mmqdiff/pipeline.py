@@ -19,6 +19,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from rich.console import Console
 
@@ -126,6 +127,17 @@ def check_equal_compute(runs: list[dict[str, Any]]) -> None:
         console.print(f"{run['name']}: same calibration compute as {other} ({mine[0]}/{mine[1]} iterations per unit)")
 
 
+def cpu_parallel_args(processes: int) -> list[str]:
+    """Trainer flags that sample on the CPU in ``processes`` data-parallel processes (one torch thread each, as
+    Lightning sets them) when no GPU is present; none otherwise. On the 2-core CPU two 1-thread processes sample
+    faster than one 2-thread process, FP and integer runtime alike (benchmarks/RESULTS.md)."""
+    if not (isinstance(processes, int) and processes >= 1):
+        raise ValueError(f"sampling.cpu_processes must be an integer >= 1, got {processes!r}")
+    if processes == 1 or torch.cuda.is_available():
+        return []
+    return ["--trainer.accelerator", "cpu", "--trainer.devices", str(processes), "--trainer.strategy", "ddp"]
+
+
 def sample(name: str, sampling: dict[str, Any], out_dir: Path, timings: dict[str, float],
            calibration_run: str | None = None, fp_samples: Path | None = None) -> dict[str, Any]:
     if not (out_dir / "metrics.json").is_file():
@@ -135,7 +147,7 @@ def sample(name: str, sampling: dict[str, Any], out_dir: Path, timings: dict[str
             args += ["--model.init_args.calibration_run", calibration_run]
         if fp_samples is not None:
             args += ["--model.init_args.fp_samples", str(fp_samples)]
-        args += sampling.get("args", [])
+        args += sampling.get("args", []) + cpu_parallel_args(sampling.get("cpu_processes", 1))
         _stage(f"sample {name}", args, timings)
     return json.loads((out_dir / "metrics.json").read_text())
 

@@ -20,7 +20,8 @@ from mmqdiff.metrics import psnr
 from mmqdiff.quant import (AdaRoundQuantizer, IntegerUNet, IntegerUnsupported, QuantConfig, QuantLayer,
                            UniformAffineQuantizer, config_from_state, export_packed, load_packed, quant_layers,
                            quantize_model, set_rounding, to_integer)
-from mmqdiff.quant.integer import ActivationCodes, IntegerAttnBlock, IntegerLayer, onednn_available, weight_codes
+from mmqdiff.quant.integer import (ActivationCodes, IntegerAttnBlock, IntegerLayer, integer_bmm, onednn_available,
+                                   weight_codes)
 
 from .conftest import ROOT, TINY
 
@@ -178,6 +179,16 @@ def test_every_layer_within_accumulation_bound_embedded(embedded, trajectories, 
 @needs_onednn
 def test_every_layer_within_accumulation_bound_cifar10(cifar_w8):
     check_every_layer(cifar_w8, "onednn", n=1)
+
+
+@pytest.mark.parametrize("bound", [127, 4096])  # fp32 BLAS path (64 * 127^2 < 2^24); per-sample _int_mm path
+def test_integer_bmm_is_exact(bound):
+    """Both paths of integer_bmm equal the float64 product of the integer levels exactly."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (3, 20, 64), generator=g).float()
+    b = torch.randint(-127, 128, (3, 64, 24), generator=g).float()
+    got = integer_bmm(a, b, bound)
+    assert got.dtype == torch.float32 and torch.equal(got.double(), torch.bmm(a.double(), b.double()))
 
 
 def test_attention_matmuls_within_accumulation_bound(embedded, trajectories):

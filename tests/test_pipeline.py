@@ -99,3 +99,16 @@ def test_failed_stage_ends_with_the_childs_own_error(tmp_path, monkeypatch, caps
 def test_child_error_without_traceback_is_its_last_lines():
     assert pipeline.child_error(["noise\n", "usage: cli.py ...\n", "error: unrecognized arguments: --x\n", "\n"]) == \
         "noise\nusage: cli.py ...\nerror: unrecognized arguments: --x"
+
+
+def test_cpu_sampling_processes(monkeypatch):
+    """sampling.cpu_processes: DDP flags on a CPU-only machine, none with a GPU or for one process; bad values named."""
+    monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: False)
+    assert pipeline.cpu_parallel_args(1) == []
+    assert pipeline.cpu_parallel_args(2) == ["--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                                             "--trainer.strategy", "ddp"]
+    for bad in (0, "2", 1.5):
+        with pytest.raises(ValueError, match=r"sampling.cpu_processes must be an integer >= 1, got"):
+            pipeline.cpu_parallel_args(bad)
+    monkeypatch.setattr(pipeline.torch.cuda, "is_available", lambda: True)
+    assert pipeline.cpu_parallel_args(2) == []

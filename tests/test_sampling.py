@@ -187,3 +187,20 @@ def test_two_processes_write_every_index_once(tmp_path, tiny_model):
     one, _ = load_samples(tmp_path / "one")
     two, indices = load_samples(out)
     assert indices.tolist() == list(range(5)) and torch.equal(one, two)
+
+
+@pytest.mark.slow
+def test_two_processes_sample_and_score(tmp_path):
+    """Scoring after 2-process sampling: rank 0 scores every image alone (the metrics must not wait for rank 1,
+    which once crashed the run in torchmetrics' cross-process sync)."""
+    out = tmp_path / "two"
+    subprocess.run([sys.executable, str(ROOT / "cli.py"), "predict", "--config", str(ROOT / "configs/embedded/sample.yaml"),
+                    "--model.init_args.num_steps", "4", "--model.init_args.num_real", "64",
+                    "--model.init_args.kid_subset_size", "8", "--model.init_args.score_chunks", "2",
+                    "--model.init_args.fp_error_images", "0", "--model.init_args.metric_cache", str(tmp_path / "cache"),
+                    "--data.init_args.num_images", "16", "--data.init_args.batch_size", "4",
+                    "--data.init_args.output_dir", str(out), "--trainer.default_root_dir", str(out),
+                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+                   check=True, cwd=ROOT)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 16 and len(metrics["fid_chunks"]) == 2 and metrics["fid"] > 0

@@ -144,9 +144,10 @@ class MultiModelSampler(L.LightningModule):
         """Rank 0 gathers all images (``samples.npz``, ``grid.png``, ``per_step_mse.json``) and scores them."""
         data = self.trainer.datamodule
         self.trainer.strategy.barrier()
-        seconds, images = self.trainer.strategy.reduce(
-            torch.tensor([self.sampling_seconds, self.images_sampled], dtype=torch.float64, device=self.device),
-            reduce_op="sum").tolist()
+        # wall seconds per image of the whole run: the slowest process's sampling time over all processes' images
+        seconds, images = (float(self.trainer.strategy.reduce(torch.tensor(v, dtype=torch.float64, device=self.device),
+                                                              reduce_op=op))
+                           for v, op in ((self.sampling_seconds, "max"), (self.images_sampled, "sum")))
         if self.trainer.is_global_zero:
             summary = finalize_samples(data.output_dir, data.num_images)
             summary["runtime"] = self.runtime

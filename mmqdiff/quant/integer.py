@@ -102,9 +102,14 @@ class ActivationCodes(nn.Module):
         return -128 <= self.lo and self.hi <= 127
 
     def centred(self, x: torch.Tensor) -> torch.Tensor:
-        """``level - zp`` as int8 (see :attr:`centred_fits_int8`): ``clamp(round(x / delta))``, whose product with
-        ``scale`` is the fake quantizer's output."""
-        return (x / self.delta).round_().clamp_(self.lo, self.hi).to(torch.int8)
+        """``level - zp`` as integer-valued fp32 (see :attr:`centred_fits_int8`): ``clamp(round(x / delta))``, whose
+        product with ``scale`` is the fake quantizer's output."""
+        return (x / self.delta).round_().clamp_(self.lo, self.hi)
+
+    @property
+    def bound(self) -> int:
+        """The largest magnitude of ``level - zp``."""
+        return max(-self.lo, self.hi)
 
     def int8(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Codes minus 128 as int8 (``_int_mm`` takes signed operands); the zero point becomes ``zero_point - 128``."""
@@ -280,22 +285,30 @@ class IntegerLayer(nn.Module):
         return out if len(parts) == 1 else out.add_(self.kernels[1](parts[1], inplace))
 
 
-def batched_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``bmm`` of int8 [B, M, K] x [B, K, N] -> int32, one ``torch._int_mm`` per sample (it is 2-D only); zero
-    padding to the shapes cuBLAS accepts (M > 16, K and N multiples of 8)."""
+EXACT_FP32_INT = 2 ** 24  # every integer of magnitude up to this is a float32
+
+
+def integer_bmm(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
+    """Exact ``bmm`` of integer-valued fp32 [B, M, K] x [B, K, N] whose entries have magnitude at most ``bound``:
+    as fp32 ``bmm`` where every partial sum is an integer below 2^24 (``K * bound^2 < 2^24``: exact in any summation
+    order), one BLAS call instead of B; else one ``torch._int_mm`` per sample on int8 (it is 2-D only), padded to the
+    shapes cuBLAS accepts (M > 16, K and N multiples of 8)."""
     m, k, n = a.shape[1], a.shape[2], b.shape[2]
+    if k * bound * bound < EXACT_FP32_INT:
+        return torch.bmm(a, b)
+    a, b = a.to(torch.int8), b.to(torch.int8)
     if m <= 16 or k % 8 or n % 8:
         a, b = F.pad(a, (0, -k % 8, 0, max(0, 17 - m))), F.pad(b, (0, -n % 8, 0, -k % 8))
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device=a.device)
     for i in range(a.shape[0]):
         torch._int_mm(a[i], b[i], out=out[i])
-    return out[:, :m, :n]
+    return out[:, :m, :n].float()
 
 
 class IntegerAttnBlock(nn.Module):
     """``QuantAttnBlock`` with integer q/k/v/proj_out layers and integer attention matmuls: q.k and w.v multiply
-    the int8 levels of the calibrated q/k/v/softmax quantizers (exact int32) and rescale once, where the fake-quant
-    block multiplies their dequantized fp32 values. Needs quantizers whose centred levels fit int8 (symmetric, as
+    the integer levels of the calibrated q/k/v/softmax quantizers exactly (:func:`integer_bmm`) and rescale once,
+    where the fake-quant block multiplies their dequantized fp32 values. Needs quantizers whose centred levels fit int8 (symmetric, as
     Q-Diffusion's ``--a_sym``); :func:`to_integer` keeps the fake-quant matmuls otherwise."""
 
     def __init__(self, block: QuantAttnBlock, backend: str):
@@ -325,14 +338,15 @@ class IntegerAttnBlock(nn.Module):
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``q^T k / sqrt(c)`` [b, hw, hw] from the int8 levels of q and k."""
         cq, ck = self.rows(self.codes_q.centred(q)), self.rows(self.codes_k.centred(k))
-        scores = batched_int_mm(cq, ck.transpose(1, 2).contiguous()).float()
+        scores = integer_bmm(cq, ck.transpose(1, 2), max(self.codes_q.bound, self.codes_k.bound))
         return scores.mul_(self.codes_q.scale * self.codes_k.scale).mul_(int(q.shape[1]) ** -0.5)
 
     def mix(self, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``v w^T`` [b, c, hh, ww] (channels-last) from the int8 levels of the probabilities and of v."""
         b, c, hh, ww = v.shape
-        h = batched_int_mm(self.codes_w.centred(w), self.rows(self.codes_v.centred(v)))
-        return h.float().mul_(self.codes_w.scale * self.codes_v.scale).view(b, hh, ww, c).permute(0, 3, 1, 2)
+        h = integer_bmm(self.codes_w.centred(w), self.rows(self.codes_v.centred(v)),
+                        max(self.codes_w.bound, self.codes_v.bound))
+        return h.mul_(self.codes_w.scale * self.codes_v.scale).view(b, hh, ww, c).permute(0, 3, 1, 2)
 
 
 def silu_(x: torch.Tensor) -> torch.Tensor:
@@ -377,7 +391,10 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
         g = self.num_groups
 
         def group_mean(t: torch.Tensor) -> torch.Tensor:  # per (sample, group), broadcast back to channels
-            return t.mean((2, 3)).view(b, g, -1).mean(2).repeat_interleave(c // g, 1).view(b, c, 1, 1)
+            m = t.mean((2, 3))
+            if c != g:  # equal-size channels: the group mean is the mean of its channel means
+                m = m.view(b, g, -1).mean(2, keepdim=True).expand(b, g, c // g)
+            return m.reshape(b, c, 1, 1)
 
         d = x.sub_(group_mean(x)) if inplace else x - group_mean(x)
         scale = (group_mean(d * d) + self.eps).rsqrt_().mul_(self.weight.view(1, c, 1, 1))
