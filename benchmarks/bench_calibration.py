@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from mmqdiff.data import load_calibration, timestep_segments
-from mmqdiff.diffusion import build_model, load_checkpoint
+from mmqdiff.diffusion import build_model, eps_sensitivity, linear_betas, load_checkpoint, timesteps
+from mmqdiff.evaluation import sample_space_error
 from mmqdiff.quant import QuantConfig, calibrate, quantize_model
 from mmqdiff.quant.reconstruction import (ReconSettings, cache_unit_io, calibrate_item, init_act_quantizers,
                                           item_seed, reconstruct_activations, reconstruct_weights, work_items)
@@ -114,7 +115,10 @@ def time_to_target(fp, xs, ts, convergence: Path, repeats: int, device: torch.de
     ``fixed + per-iteration x iterations`` from two budgets; the iterations each needs come from
     bench_convergence.py's held-out results (K=1)."""
     rows = [json.loads(line) for line in convergence.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["k"] == 1 and r["segment_scale"] is None] if rows else []
+    rows = [r for r in rows if r["k"] == 1 and r.get("segment_scale") is None and not r.get("init_from")]
+    sensitivity = eps_sensitivity(timesteps(100, "quad"), linear_betas())
+    for r in rows:  # rows written before the sample-space error existed
+        r.setdefault("heldout_x_mse", sample_space_error(r["per_step"], sensitivity))
     ref = [r for r in rows if r["recon"]["lr_w"] == 1e-3]
     if not ref:
         raise SystemExit(f"{convergence}: no K=1 reference-schedule (lr_w 0.001) rows")
@@ -127,25 +131,19 @@ def time_to_target(fp, xs, ts, convergence: Path, repeats: int, device: torch.de
     ratio = target["recon"]["cali_iters_a"] / target["recon"]["cali_iters"]
     seconds = {}
     for _ in range(repeats):  # interleave the schedules so load drifts hit both alike
-        for lr in sorted({r["recon"]["lr_w"] for r in rows}):
+        for lr in sorted({r["recon"]["lr_w"] for r in rows if r["heldout_x_mse"] <= target["heldout_x_mse"]}):
             t = schedule_seconds(fp, xs, ts, lr, budgets, ratio, 1, device)
             seconds[lr] = [min(a, b) for a, b in zip(seconds.get(lr, t), t)]
-    modelled = {}  # lr -> (iterations row reaching the target, modelled seconds)
+    modelled = {}  # lr -> (the fewest-iterations row reaching the target, modelled seconds to it)
     for lr, (t1, t2) in seconds.items():
-        reach = sorted((r for r in rows if r["recon"]["lr_w"] == lr and
-                        r["heldout_x_mse"] <= target["heldout_x_mse"]), key=lambda r: r["recon"]["cali_iters"])
-        if reach:
-            per_iter = (t2 - t1) / (budgets[1] - budgets[0])
-            modelled[lr] = (reach[0], t1 + per_iter * (reach[0]["recon"]["cali_iters"] - budgets[0]))
-    ref_s = modelled[1e-3][1] if 1e-3 in modelled else None
+        row = min((r for r in rows if r["recon"]["lr_w"] == lr and r["heldout_x_mse"] <= target["heldout_x_mse"]),
+                  key=lambda r: r["recon"]["cali_iters"])
+        modelled[lr] = (row, t1 + (t2 - t1) / (budgets[1] - budgets[0]) * (row["recon"]["cali_iters"] - budgets[0]))
+    ref_s = modelled[1e-3][1]
     for lr, (t1, t2) in sorted(seconds.items()):
-        if lr not in modelled:
-            lines.append(f"| {lr:g} | not reached | | {t1:.1f} | {t2:.1f} | | |")
-            continue
         row, sec = modelled[lr]
-        vs = f"{sec / ref_s:.2f}x" if ref_s else "-"
         lines.append(f"| {lr:g} | {row['recon']['cali_iters']}/{row['recon']['cali_iters_a']} | "
-                     f"{row['heldout_x_mse']:.3e} | {t1:.1f} | {t2:.1f} | {sec:.1f} | {vs} |")
+                     f"{row['heldout_x_mse']:.3e} | {t1:.1f} | {t2:.1f} | {sec:.1f} | {sec / ref_s:.2f}x |")
     print("\n".join(lines), flush=True)
     return lines
 
