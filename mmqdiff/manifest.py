@@ -97,21 +97,28 @@ def read_manifest(run_dir_or_path: str | Path) -> dict[str, Any]:
     return _validate(manifest, str(path))
 
 
-def _load_export(run_dir: Path, seg: dict[str, Any]) -> dict[str, Any]:
-    path = run_dir / seg["packed"]
+def _load_segment_file(run_dir: Path, seg: dict[str, Any], kind: str) -> tuple[dict[str, Any], str]:
+    """(contents, file SHA-256) of segment file ``kind`` ("packed" / "quant_state") of manifest entry ``seg``,
+    checked against the hash the manifest recorded and loaded with ``weights_only`` (a dict); errors name the file."""
+    what = {"packed": "packed export", "quant_state": "quant state"}[kind]
+    path = run_dir / seg[kind]
     if not path.is_file():
-        raise FileNotFoundError(f"segment {seg['index']}: packed model {path} is missing")
+        raise FileNotFoundError(f"segment {seg['index']}: {what} {path} is missing")
     digest = file_sha256(path)
-    if digest != seg["sha256"]["packed"]:
-        raise ValueError(f"{path}: SHA-256 {digest} differs from the manifest's {seg['sha256']['packed']} "
+    if digest != seg["sha256"][kind]:
+        raise ValueError(f"{path}: SHA-256 {digest} differs from the manifest's {seg['sha256'][kind]} "
                          "(file replaced or corrupted)")
     try:
-        export = torch.load(path, map_location="cpu", weights_only=True)
+        contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file that matches its recorded hash yet does not load: written so, or hash edited
-        raise ValueError(f"{path}: cannot be read as a packed export ({brief_error(e)})") from e
-    if not isinstance(export, dict):
-        raise ValueError(f"{path}: not a packed export (a {type(export).__name__})")
-    return export
+        raise ValueError(f"{path}: cannot be read as a {what} ({brief_error(e)})") from e
+    if not isinstance(contents, dict):
+        raise ValueError(f"{path}: not a {what} (a {type(contents).__name__})")
+    return contents, digest
+
+
+def _load_export(run_dir: Path, seg: dict[str, Any]) -> dict[str, Any]:
+    return _load_segment_file(run_dir, seg, "packed")[0]
 
 
 def run_identity(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -152,18 +159,7 @@ def warm_start_state(run_dir: str | Path, model_sha256: str,
                       if manifest["quant_config"].get(k) != quant_config.get(k))
         raise ValueError(f"{where}: quant_config differs from this run's in {diff} (e.g. {diff[0]}: "
                          f"{manifest['quant_config'].get(diff[0])!r} there, {quant_config.get(diff[0])!r} here)")
-    seg = manifest["segments"][0]
-    path = run_dir / seg["quant_state"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the quant state {where} lists is missing")
-    digest = file_sha256(path)
-    if digest != seg["sha256"]["quant_state"]:
-        raise ValueError(f"{path}: SHA-256 {digest} differs from the manifest's {seg['sha256']['quant_state']} "
-                         "(file replaced or corrupted)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a quant state ({brief_error(e)})") from e
+    state, digest = _load_segment_file(run_dir, manifest["segments"][0], "quant_state")
     record = {"path": str(run_dir), "quant_state_sha256": digest, "compute": calibration_compute(manifest),
               "iters": [manifest["reconstruction"]["cali_iters"], manifest["reconstruction"]["cali_iters_a"]]}
     return record, state
