@@ -33,14 +33,16 @@ def main() -> None:
         r.setdefault("heldout_x_mse", sample_space_error(r["per_step"], sensitivity))
     if args.labels:
         rows = [r for r in rows if r["label"] in args.labels]
-    series = defaultdict(list)  # one line per (K, learning rate, per-segment budget shape)
+    series = defaultdict(list)  # one line per (K, learning rate, per-segment budget shape, warm start's base compute)
     for r in rows:
-        series[(r["k"], r["recon"]["lr_w"], tuple(r.get("segment_scale") or ()))].append(r)
+        base = tuple((r.get("init_from") or {}).get("compute", ()))
+        series[(r["k"], r["recon"]["lr_w"], tuple(r.get("segment_scale") or ()), base)].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (k, lr, scale), rs in sorted(series.items()):
+    for (k, lr, scale, base), rs in sorted(series.items()):
         rs.sort(key=lambda r: r["recon"]["cali_iters"])
         x = [r["recon"]["cali_iters"] for r in rs]
         name = f"K={k}, lr_w {lr:g}" + (" (reference)" if lr == 1e-3 else "") + (f", scale {list(scale)}" if scale else "")
+        name += f", warm from K=1 {base[0]}/{base[1]}" if base else ""
         axes[0].plot(x, [r["heldout_x_mse"] for r in rs], marker="o", label=name)
         axes[1].plot(x, [r["heldout_mse"] for r in rs], marker="o", label=name)
     for ax, title in zip(axes, ("held-out sample-space error", "held-out noise-prediction MSE (mean over steps)")):
@@ -59,6 +61,7 @@ def main() -> None:
     for r in sorted(rows, key=lambda r: (r["k"], r["recon"]["lr_w"], r["recon"]["cali_iters"])):
         q = " / ".join(f"{v:.4f}" for v in r["quarters"])
         scale = f" scale {r['segment_scale']}" if r.get("segment_scale") else ""
+        scale += f" from K=1 {r['init_from']['compute'][0]}/{r['init_from']['compute'][1]}" if r.get("init_from") else ""
         print(f"| {r['k']} | {r['label']}{scale} | {r['recon']['lr_w']:g} | {r['recon']['cali_iters']}/"
               f"{r['recon']['cali_iters_a']} | {r['cali_st']}x{r['cali_n']} | {r['heldout_x_mse']:.2e} | "
               f"{r['heldout_mse']:.4f} | {q} | {r['seconds']:.0f} | {r['threads']} |")

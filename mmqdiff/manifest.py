@@ -97,21 +97,28 @@ def read_manifest(run_dir_or_path: str | Path) -> dict[str, Any]:
     return _validate(manifest, str(path))
 
 
-def _load_export(run_dir: Path, seg: dict[str, Any]) -> dict[str, Any]:
-    path = run_dir / seg["packed"]
+def _load_segment_file(run_dir: Path, seg: dict[str, Any], kind: str) -> tuple[dict[str, Any], str]:
+    """(contents, file SHA-256) of segment file ``kind`` ("packed" / "quant_state") of manifest entry ``seg``,
+    checked against the hash the manifest recorded and loaded with ``weights_only`` (a dict); errors name the file."""
+    what = {"packed": "packed export", "quant_state": "quant state"}[kind]
+    path = run_dir / seg[kind]
     if not path.is_file():
-        raise FileNotFoundError(f"segment {seg['index']}: packed model {path} is missing")
+        raise FileNotFoundError(f"segment {seg['index']}: {what} {path} is missing")
     digest = file_sha256(path)
-    if digest != seg["sha256"]["packed"]:
-        raise ValueError(f"{path}: SHA-256 {digest} differs from the manifest's {seg['sha256']['packed']} "
+    if digest != seg["sha256"][kind]:
+        raise ValueError(f"{path}: SHA-256 {digest} differs from the manifest's {seg['sha256'][kind]} "
                          "(file replaced or corrupted)")
     try:
-        export = torch.load(path, map_location="cpu", weights_only=True)
+        contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file that matches its recorded hash yet does not load: written so, or hash edited
-        raise ValueError(f"{path}: cannot be read as a packed export ({brief_error(e)})") from e
-    if not isinstance(export, dict):
-        raise ValueError(f"{path}: not a packed export (a {type(export).__name__})")
-    return export
+        raise ValueError(f"{path}: cannot be read as a {what} ({brief_error(e)})") from e
+    if not isinstance(contents, dict):
+        raise ValueError(f"{path}: not a {what} (a {type(contents).__name__})")
+    return contents, digest
+
+
+def _load_export(run_dir: Path, seg: dict[str, Any]) -> dict[str, Any]:
+    return _load_segment_file(run_dir, seg, "packed")[0]
 
 
 def run_identity(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -119,6 +126,43 @@ def run_identity(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     and its packed export's content hash (its file hash in manifests written before content hashes)."""
     return [{"steps": seg["steps"], "packed": seg.get("content_sha256", {}).get("packed", seg["sha256"]["packed"])}
             for seg in manifest["segments"]]
+
+
+def calibration_compute(manifest: dict[str, Any]) -> list[int]:
+    """[weight, activation] reconstruction iterations per unit summed over the run's segments, plus those of the run
+    it was warm-started from (``init_from.compute``): the compute that equal-compute comparisons hold fixed (every
+    unit costs the same per iteration in every segment)."""
+    iters = [seg.get("iters") or [manifest["reconstruction"]["cali_iters"], manifest["reconstruction"]["cali_iters_a"]]
+             for seg in manifest["segments"]]
+    base = (manifest.get("init_from") or {}).get("compute", [0, 0])
+    return [base[0] + sum(i[0] for i in iters), base[1] + sum(i[1] for i in iters)]
+
+
+def warm_start_state(run_dir: str | Path, model_sha256: str,
+                     quant_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(record, quant state) of a warm start from the finished K=1 calibration run in ``run_dir``: its model's quant
+    state (hash-checked against the run's manifest), which must come from the FP weights with state-dict SHA-256
+    ``model_sha256`` and the quantization ``quant_config`` (``asdict(QuantConfig)``). The record (run folder, the
+    state's SHA-256, the run's total compute and iterations) is what a warm-started run's manifest and resume
+    signature keep."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    where = run_dir / MANIFEST_NAME
+    if manifest["k"] != 1:
+        raise ValueError(f"{where}: k is {manifest['k']}; a warm start begins from a K=1 run (one model for every "
+                         "step)")
+    if manifest["fp_model"]["sha256"] != model_sha256:
+        raise ValueError(f"{where}: calibrated from FP weights with SHA-256 {manifest['fp_model']['sha256']}, not "
+                         f"this model's {model_sha256}")
+    if manifest["quant_config"] != quant_config:
+        diff = sorted(k for k in set(quant_config) | set(manifest["quant_config"])
+                      if manifest["quant_config"].get(k) != quant_config.get(k))
+        raise ValueError(f"{where}: quant_config differs from this run's in {diff} (e.g. {diff[0]}: "
+                         f"{manifest['quant_config'].get(diff[0])!r} there, {quant_config.get(diff[0])!r} here)")
+    state, digest = _load_segment_file(run_dir, manifest["segments"][0], "quant_state")
+    record = {"path": str(run_dir), "quant_state_sha256": digest, "compute": calibration_compute(manifest),
+              "iters": [manifest["reconstruction"]["cali_iters"], manifest["reconstruction"]["cali_iters_a"]]}
+    return record, state
 
 
 def load_segment_models(run_dir: str | Path, fp_model: torch.nn.Module | None = None,

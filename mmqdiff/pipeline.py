@@ -26,7 +26,7 @@ from rich.console import Console
 from .diffusion import build_model
 from .evaluation import heldout_error_of_run
 from .io import atomic_write_text
-from .manifest import damaged_segments, read_manifest, reexport_segments
+from .manifest import calibration_compute, damaged_segments, read_manifest, reexport_segments
 from .report import write_report
 
 console = Console(width=160)
@@ -100,14 +100,6 @@ def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, flo
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]
     _stage(f"calibrate {run['name']}", args, timings)
-
-
-def calibration_compute(manifest: dict[str, Any]) -> list[int]:
-    """[weight, activation] reconstruction iterations per unit summed over the run's segments: the compute that
-    equal-compute comparisons hold fixed (every unit costs the same per iteration in every segment)."""
-    iters = [seg.get("iters") or [manifest["reconstruction"]["cali_iters"], manifest["reconstruction"]["cali_iters_a"]]
-             for seg in manifest["segments"]]
-    return [sum(i[0] for i in iters), sum(i[1] for i in iters)]
 
 
 def check_equal_compute(runs: list[dict[str, Any]]) -> None:

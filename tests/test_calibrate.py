@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -25,8 +26,8 @@ from mmqdiff.evaluation import heldout_error_of_run, heldout_step_error
 from mmqdiff.io import check_writable
 from mmqdiff.lightning.calibrate import SegmentCalibration
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter
-from mmqdiff.manifest import damaged_segments, load_segment_models, read_manifest
-from mmqdiff.quant import QuantConfig, ReconSettings, calibrate, packed_nbytes, quant_state_dict
+from mmqdiff.manifest import damaged_segments, load_segment_models, read_manifest, warm_start_state
+from mmqdiff.quant import QuantConfig, ReconSettings, WarmStart, calibrate, packed_nbytes, quant_state_dict
 from mmqdiff.quant.reconstruction import NonFiniteLossError
 
 from .conftest import foreign_lock
@@ -456,3 +457,54 @@ def test_two_processes_equal_sequential(world, sequential, tmp_path):
         assert tensors_equal(a, b)
     seq = read_manifest(sequential)
     assert [s["model_bytes"] for s in manifest["segments"]] == [s["model_bytes"] for s in seq["segments"]]
+
+
+@pytest.fixture(scope="module")
+def base_k1(world, tmp_path_factory):
+    """A finished K=1 run: the base of the warm-start tests."""
+    run_dir = tmp_path_factory.mktemp("base") / "k1"
+    fit(world, run_dir, k=1, iters=3, iters_a=2)
+    return run_dir
+
+
+def test_warm_started_run_fine_tunes_the_k1_model_and_counts_its_compute(world, base_k1, tmp_path):
+    """Every segment starts from the K=1 model (the Python API with ``init_state`` gives the same bits), the
+    manifest records the base, and the equal-compute count includes the base's iterations."""
+    module = fit(world, tmp_path / "warm", iters=2, iters_a=1,
+                 extra=["--model.init_args.init_from", str(base_k1), "--model.init_args.warm.soft_margin", "0.3"]).model
+    m, base = read_manifest(tmp_path / "warm"), read_manifest(base_k1)
+    state_file = base_k1 / base["segments"][0]["quant_state"]
+    assert m["init_from"] == {"path": str(base_k1), "quant_state_sha256": file_sha256(state_file),
+                              "compute": [3, 2], "iters": [3, 2], "warm": {"soft_margin": 0.3, "act_init": False}}
+    assert pipeline.calibration_compute(m) == [3 + 2 * 2, 2 + 2 * 1]
+    assert module.signature()["init_from"] == {k: v for k, v in m["init_from"].items() if k != "path"}
+    model = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
+    xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(5, 10))
+    q = calibrate(model, QuantConfig(), xs, ts, module.recon, seed=1234, segment=1,
+                  init_state=torch.load(state_file, weights_only=True), warm=WarmStart(soft_margin=0.3))
+    assert tensors_equal(quant_state_dict(q), quant_state_dict(module.nets.segments[1].qmodel))
+    with pytest.raises(ValueError, match=r"cannot resume: checkpoint was made with different \['init_from'\]"):
+        fit(world, tmp_path / "warm", iters=2, iters_a=1, extra=["--ckpt_path", "last"])
+
+
+def test_bad_warm_start_base_is_refused(world, finished, base_k1, tmp_path):
+    k2_dir, _ = finished
+    with pytest.raises(FileNotFoundError, match=f"no calibration manifest at {tmp_path}/none "):
+        fit(world, tmp_path / "a", extra=["--model.init_args.init_from", str(tmp_path / "none")])
+    with pytest.raises(ValueError, match=f"{k2_dir}/manifest.json: k is 2; a warm start begins from a K=1 run"):
+        fit(world, tmp_path / "b", extra=["--model.init_args.init_from", str(k2_dir)])
+    with pytest.raises(ValueError, match=r"manifest.json: quant_config differs from this run's in \['weight_bits'\] "
+                                         r"\(e.g. weight_bits: 4 there, 8 here\)"):
+        fit(world, tmp_path / "c", extra=["--model.init_args.init_from", str(base_k1),
+                                          "--model.init_args.quant.weight_bits", "8"])
+    with pytest.raises(ValueError, match="calibrated from FP weights with SHA-256 .*, not this model's 0000"):
+        warm_start_state(base_k1, "0" * 64, asdict(QuantConfig()))
+    copy = tmp_path / "copy"
+    shutil.copytree(base_k1, copy)
+    with open(copy / "segment_00/quant_state.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError, match="segment_00/quant_state.pt: SHA-256 .* differs from the manifest's"):
+        warm_start_state(copy, state_dict_sha256(world["model"]), asdict(QuantConfig()))
+    (copy / "segment_00/quant_state.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=f"segment 0: quant state {copy}/segment_00/quant_state.pt is missing"):
+        warm_start_state(copy, state_dict_sha256(world["model"]), asdict(QuantConfig()))

@@ -3,13 +3,14 @@ state, resume bit-identity, the per-item callback, activation ranges from data, 
 from __future__ import annotations
 
 import io
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
-from mmqdiff.quant import (QuantConfig, ReconSettings, ResumePoint, act_quantizers, calibrate, init_activation_ranges,
-                           quant_state_dict, quantize_model)
+from mmqdiff.quant import (QuantConfig, ReconSettings, ResumePoint, SegmentCalibrator, WarmStart, act_quantizers,
+                           adaround_quantizers, calibrate, export_packed, init_activation_ranges, quant_state_dict,
+                           quantize_model)
 from mmqdiff.diffusion import Model
 from mmqdiff.quant.model import registration_units
 
@@ -23,10 +24,13 @@ def pairs(n=12):
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g).float()
 
 
-def same_state(a, b) -> bool:
-    a, b = quant_state_dict(a), quant_state_dict(b)
+def tensors_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k]
                                         for k, v in a.items())
+
+
+def same_state(a, b) -> bool:
+    return tensors_equal(quant_state_dict(a), quant_state_dict(b))
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +115,58 @@ def test_activation_ranges_from_data(tiny_model):
     assert other.model.conv_in.act_quantizer.delta.item() != conv_in.delta.item()
     with pytest.raises(ValueError, match="samples must be >= 1"):
         init_activation_ranges(q, xs, ts, samples=0)
+
+
+def test_warm_start_loads_the_base_state_exactly(calibrated):
+    tiny_model, _, base, _ = calibrated
+    state = quant_state_dict(base)
+    calibrator = SegmentCalibrator(tiny_model, QuantConfig(), SETTINGS, seed=5, init_state=state)
+    assert same_state(calibrator.qmodel, base) and calibrator.next_item == 0
+    with pytest.raises(ValueError, match="key 'config.weight_bits' is 4 but this model has 8"):
+        SegmentCalibrator(tiny_model, QuantConfig(weight_bits=8), SETTINGS, seed=5, init_state=state)
+
+
+@pytest.mark.parametrize("warm", [WarmStart(), WarmStart(soft_margin=None)])
+def test_warm_start_without_iterations_is_the_base_model(calibrated, warm):
+    """0 fine-tune iterations: the segment computes exactly what the base computes (same hard rounding, same step
+    sizes; the packed export is identical); keeping the loaded alphas keeps the whole state."""
+    tiny_model, _, base, _ = calibrated
+    xs, ts = pairs()
+    q = calibrate(tiny_model, QuantConfig(), xs, ts, replace(SETTINGS, cali_iters=0, cali_iters_a=0), seed=6,
+                  segment=2, init_state=quant_state_dict(base), warm=warm)
+    assert tensors_equal(export_packed(q), export_packed(base))
+    with torch.no_grad():
+        assert torch.equal(q(xs, ts), base(xs, ts))
+    assert same_state(q, base) == (warm.soft_margin is None)
+
+
+def test_warm_start_fine_tunes_from_the_base(calibrated):
+    """With iterations, a warm start moves off the base, differs from a cold start with the same seeds, and resumes
+    bit-identically; keeping the loaded alphas leaves every saturated one where it was (zero gradient)."""
+    tiny_model, _, base, _ = calibrated
+    xs, ts, state = *pairs(), quant_state_dict(base)
+    warm = calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=6, init_state=state)
+    assert not same_state(warm, base)
+    assert not same_state(warm, calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=6))
+    points = []
+    calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=6, init_state=state,
+              callback=lambda item: points.append(item.resume_point()) if item.item == 3 else None)
+    resumed = calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=6, init_state=state, resume=points[0])
+    assert same_state(resumed, warm)
+    kept = calibrate(tiny_model, QuantConfig(), xs, ts, SETTINGS, seed=6, init_state=state,
+                     warm=WarmStart(soft_margin=None))
+    saturated = 0
+    for after, before in zip(adaround_quantizers(kept), adaround_quantizers(base)):
+        flat = (before.h() == 0) | (before.h() == 1)
+        saturated += int(flat.sum())
+        assert torch.equal(after.alpha[flat], before.alpha[flat])
+    assert saturated > 0
+
+
+def test_bad_warm_start_settings_are_refused():
+    with pytest.raises(ValueError, match=r"WarmStart.soft_margin must be in \(0, 0.5\) or None, got 0.6"):
+        WarmStart(soft_margin=0.6)
+    with pytest.raises(ValueError, match="cali_iters must be >= 0, got -1"):
+        ReconSettings(cali_iters=-1)
+    scaled = ReconSettings(cali_iters=0, cali_iters_a=4).scaled(0.1)  # 0 stays 0, a positive count stays >= 1
+    assert (scaled.cali_iters, scaled.cali_iters_a) == (0, 1)

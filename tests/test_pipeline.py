@@ -73,6 +73,12 @@ def test_equal_compute_pairs_are_checked(monkeypatch):
     runs[1]["run_dir"] = "c"
     with pytest.raises(ValueError, match=r"K=1 eq spent \[32, 4\] .* K=4 \[32, 8\]"):
         pipeline.check_equal_compute(runs)
+    # a warm-started run counts its base run's iterations: 8/2 from K=1 + 4 segments x 6/2 = 32/10
+    manifests["w"] = {"reconstruction": {"cali_iters": 6, "cali_iters_a": 2}, "segments": [{}] * 4,
+                      "init_from": {"compute": [8, 2]}}
+    manifests["d"] = {"reconstruction": {"cali_iters": 32, "cali_iters_a": 10}, "segments": [{}]}
+    pipeline.check_equal_compute([{"name": "warm K=4", "run_dir": "w"},
+                                  {"name": "K=1 eq", "run_dir": "d", "equal_compute_to": "warm K=4"}])
     runs[1]["equal_compute_to"] = "K=8"
     with pytest.raises(ValueError, match="'K=8', which is not among"):
         pipeline.check_equal_compute(runs)

@@ -141,3 +141,30 @@ def test_linear_temperature_schedule_hand_values():
     assert s(8000) == pytest.approx(2 + 18 * 0.75)
     assert not s.regularizing(3999) and s.regularizing(4000)
     assert math.isclose(s(20000 + 1000), 2)
+
+
+def test_no_decay_phase_ends_at_the_end_temperature():
+    """0 iterations (or warm-up 1.0) leave no decay phase; the old code divided by its zero length."""
+    assert LinearTempDecay(0)(0) == 2.0 and LinearTempDecay(0).regularizing(0)
+    assert LinearTempDecay(10, warm_up=1.0)(10) == 2.0
+
+
+@pytest.mark.parametrize("margin", [0.1, 0.4, 0.49])
+def test_soften_hard_keeps_every_decision_off_the_flat_ends(margin):
+    """Saturated alphas (h at 0 or 1: zero gradient) restart at h = 0.5 +- margin (float64 reference), rounding the
+    same way when hardened, with a non-zero gradient everywhere."""
+    torch.manual_seed(0)
+    q = AdaRoundQuantizer(torch.randn(4, 16), n_bits=4)
+    q.alpha.data = torch.randn(4, 16) * 8  # mostly saturated, both signs
+    q.mode = "hard"
+    x = torch.randn(4, 16)
+    hard = q(x)
+    up = q.alpha >= 0
+    q.soften_hard(margin)
+    torch.testing.assert_close(q.h().double(), torch.where(up, 0.5 + margin, 0.5 - margin).double(), rtol=0,
+                               atol=1e-6)
+    assert torch.equal(q(x), hard)
+    q.h().sum().backward()
+    assert (q.alpha.grad > 0).all()
+    with pytest.raises(ValueError, match=r"soft margin must be in \(0, 0.5\).*got 0.5"):
+        q.soften_hard(0.5)

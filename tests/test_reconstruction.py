@@ -132,7 +132,7 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="cache_dtype"):
         ReconSettings(cache_dtype="int8")
     with pytest.raises(ValueError, match="cali_iters"):
-        ReconSettings(cali_iters=0)
+        ReconSettings(cali_iters=-1)
 
 
 @pytest.mark.parametrize("kwargs, key", [({"lr_w": 0.0}, "lr_w"), ({"lr_w": -1e-3}, "lr_w"), ({"lr_a": 0}, "lr_a"),

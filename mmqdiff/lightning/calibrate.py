@@ -28,8 +28,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256, timesteps
-from ..manifest import CKPT_KEY, LAST_CKPT, MANIFEST_NAME, cpu_state, write_manifest, write_segment_files
-from ..quant import QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator, quant_state_dict
+from ..manifest import (CKPT_KEY, LAST_CKPT, MANIFEST_NAME, cpu_state, warm_start_state, write_manifest,
+                        write_segment_files)
+from ..quant import QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator, WarmStart, quant_state_dict
 from ..quant.reconstruction import ReconSettings, work_items
 from .calib_data import CalibrationDataModule, Pairs
 from .checkpoint_io import AtomicCheckpointIO
@@ -143,6 +144,10 @@ class SegmentCalibration(LightningModule):
         segment_scale: per segment, a factor on both iteration counts of ``recon`` (e.g. ``[2, 1, 0.5, 0.5]`` gives
             the noisiest segment, whose errors move the sample most, twice the uniform budget at the same total);
             None: every segment gets ``recon``'s iterations.
+        init_from: warm start: a finished K=1 calibration run folder (same FP weights and ``quant``) whose model
+            every segment starts from and fine-tunes with ``recon``'s (smaller) budget, instead of the plain init;
+            its compute counts towards this run's (``init_from.compute`` in the manifest). None: the reference.
+        warm: how a warm start fine-tunes (``WarmStart``: alpha restart margin, activation re-init).
         overwrite: replace the outputs of a previous run in the same folder instead of refusing.
 
     Outputs go to ``trainer.default_root_dir`` (the run folder); ``trainer.callbacks`` must include
@@ -151,12 +156,13 @@ class SegmentCalibration(LightningModule):
 
     def __init__(self, model_config: str, checkpoint: str, quant: QuantConfig = QuantConfig(),
                  recon: ReconSettings = ReconSettings(), seed: int = 1234, segment_scale: list[float] | None = None,
-                 overwrite: bool = False):
+                 init_from: str | None = None, warm: WarmStart = WarmStart(), overwrite: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.model_config, self.checkpoint = model_config, checkpoint
         self.quant, self.recon, self.seed, self.overwrite = quant, recon, seed, overwrite
         self.segment_scale = None if segment_scale is None else [float(f) for f in segment_scale]
+        self.init_from, self.warm = init_from, warm
         self.next_item = 0
         self.nets = _Nets()
         self.stats: dict[int, dict[str, Any]] = {}
@@ -204,9 +210,11 @@ class SegmentCalibration(LightningModule):
         if self.segment_scale is not None and len(self.segment_scale) != data.k:
             raise ValueError(f"model.init_args.segment_scale has {len(self.segment_scale)} factors for "
                              f"k={data.k} segments")
+        self.warm_record, init_state = (None, None) if self.init_from is None else \
+            warm_start_state(self.init_from, self.model_sha256, asdict(self.quant))
         for s in self.my_segments:  # segments are never empty (timestep_segments), nor their selection
             self.nets.segments[s] = SegmentCalibrator(fp, self.quant, self.segment_recon(s), seed=self.seed,
-                                                      segment=s)
+                                                      segment=s, init_state=init_state, warm=self.warm)
             self.stats[s] = {"wall_seconds": 0.0, "peak_mem_bytes": 0, "units": []}
         any_model = (self.nets.segments[self.my_segments[0]].qmodel if self.my_segments
                      else QuantizedUNet(fp, self.quant))
@@ -226,7 +234,14 @@ class SegmentCalibration(LightningModule):
                 "segments": [[r.start, r.stop] for r in data.segments], "num_steps": data.num_steps,
                 "skip_type": data.skip_type, "cali_st": data.cali_st, "cali_n": data.cali_n,
                 "quant": asdict(self.quant), "recon": recon, "seed": self.seed, "units": self.units,
-                "segment_scale": self.segment_scale}
+                "segment_scale": self.segment_scale, "init_from": self._init_from_entry(with_path=False)}
+
+    def _init_from_entry(self, with_path: bool) -> dict[str, Any] | None:
+        """The warm start's record (base state hash, its compute and iterations, the fine-tune switches), None
+        without one. The resume signature leaves out the folder's path: the state's hash is its identity."""
+        if self.warm_record is None:
+            return None
+        return {**{k: v for k, v in self.warm_record.items() if with_path or k != "path"}, "warm": asdict(self.warm)}
 
     def on_fit_start(self) -> None:
         # rank 0 decides for all: another rank could otherwise look after rank 0 deleted, skip the barrier, and hang
@@ -374,7 +389,7 @@ class SegmentCalibration(LightningModule):
         return {"k": data.k, "num_steps": data.num_steps, "skip_type": data.skip_type, "segments": segments,
                 "weight_bits": self.quant.weight_bits, "act_bits": self.quant.act_bits if self.quant.quant_act else 32,
                 "quant_config": asdict(self.quant), "reconstruction": asdict(self.recon), "seed": self.seed,
-                "segment_scale": self.segment_scale,
+                "segment_scale": self.segment_scale, "init_from": self._init_from_entry(with_path=True),
                 "units": self.units, "fp_model": {"config": str(self.model_config),
                                                   "config_dict": load_config(self.model_config),
                                                   "checkpoint": str(self.checkpoint), "sha256": self.model_sha256,

@@ -8,13 +8,13 @@ from .integer import IntegerUNet, IntegerUnsupported, to_integer
 from .model import (QuantizedUNet, config_from_state, decoder_split_points, load_quant_state, quant_state_dict,
                     quantize_model)
 from .modules import (QuantConfig, QuantLayer, act_quantizers, adaround_quantizers, init_adaround, quant_layers,
-                      reset_act_quantizers, set_quant_state, set_rounding)
+                      reset_act_quantizers, set_quant_state, set_rounding, soften_adaround)
 from .quantizers import AdaRoundQuantizer, LinearTempDecay, UniformAffineQuantizer
-from .reconstruction import ReconSettings
+from .reconstruction import ReconSettings, WarmStart
 
-__all__ = ["QuantConfig", "QuantizedUNet", "quantize_model", "calibrate", "init_activation_ranges", "ReconSettings",
+__all__ = ["QuantConfig", "QuantizedUNet", "quantize_model", "calibrate", "init_activation_ranges", "ReconSettings", "WarmStart",
            "SegmentCalibrator", "ResumePoint", "ItemDone", "QuantLayer", "QuantResnetBlock", "QuantAttnBlock",
            "UniformAffineQuantizer", "AdaRoundQuantizer", "LinearTempDecay", "set_quant_state", "set_rounding",
-           "init_adaround", "adaround_quantizers", "act_quantizers", "reset_act_quantizers", "quant_layers",
+           "init_adaround", "soften_adaround", "adaround_quantizers", "act_quantizers", "reset_act_quantizers", "quant_layers",
            "quant_state_dict", "load_quant_state", "config_from_state", "decoder_split_points", "export_packed",
            "packed_nbytes", "dequantize_packed", "load_packed", "to_integer", "IntegerUNet", "IntegerUnsupported"]

@@ -19,7 +19,8 @@ from torch import nn
 
 from .model import QuantizedUNet, StateValue, load_quant_state, quant_state_dict, quantize_model
 from .modules import QuantConfig
-from .reconstruction import Progress, ReconSettings, calibrate_item, init_act_quantizers, item_seed, work_items
+from .reconstruction import (Progress, ReconSettings, WarmStart, calibrate_item, init_act_quantizers, item_seed,
+                             work_items)
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,23 @@ class SegmentCalibrator:
         quant_config: what to quantize (``quantize_model`` builds the model from a copy of ``fp_model``).
         settings: reconstruction hyperparameters and switches, passed whole to the engine.
         seed, segment: roots of every item's random streams (:func:`~mmqdiff.quant.reconstruction.item_seed`).
+        init_state: warm start: a finished calibration's quant state (same FP architecture and config, e.g. a K=1
+            run's model) loaded before the first item and fine-tuned as ``warm`` says, instead of the plain init.
+        warm: how a warm start is fine-tuned (:class:`~mmqdiff.quant.reconstruction.WarmStart`); only with
+            ``init_state``.
         resume: continue a stopped calibration (its quant state must come from the same model and config).
     """
 
     def __init__(self, fp_model: nn.Module, quant_config: QuantConfig, settings: ReconSettings, *, seed: int,
-                 segment: int = 0, resume: ResumePoint | None = None):
+                 segment: int = 0, init_state: dict[str, StateValue] | None = None, warm: WarmStart = WarmStart(),
+                 resume: ResumePoint | None = None):
         self.fp_model, self.settings, self.seed, self.segment = fp_model, settings, seed, segment
         self.qmodel = quantize_model(fp_model, quant_config).eval()
         self.items = work_items(len(self.qmodel.unit_names), quant_config.quant_act)
         self.next_item = 0
+        self.warm = None if init_state is None else warm
+        if init_state is not None:
+            load_quant_state(self.qmodel, init_state)
         if resume is not None:
             self.resume(resume)
 
@@ -98,7 +107,7 @@ class SegmentCalibrator:
         unit, phase = self.items[self.next_item]
         start = time.perf_counter()
         stats = calibrate_item(self.qmodel, self.fp_model, xs, ts, unit, phase, self.settings,
-                               item_seed(self.seed, self.segment, unit, phase), progress)
+                               item_seed(self.seed, self.segment, unit, phase), progress, self.warm)
         stats["item_seconds"] = time.perf_counter() - start
         done = ItemDone(self.next_item, len(self.items), unit, self.qmodel.unit_names[unit], phase, stats,
                         self.qmodel)
@@ -109,6 +118,7 @@ class SegmentCalibrator:
 def calibrate(fp_model: nn.Module, quant_config: QuantConfig | None, xs: torch.Tensor, ts: torch.Tensor,
               settings: ReconSettings | None = None, *, seed: int = 1234, segment: int = 0,
               callback: Callable[[ItemDone], None] | None = None, progress: Progress | None = None,
+              init_state: dict[str, StateValue] | None = None, warm: WarmStart = WarmStart(),
               resume: ResumePoint | None = None) -> QuantizedUNet:
     """Quantize ``fp_model`` and calibrate it on the pairs (xs [N, C, H, W] model inputs x_t, ts [N] timesteps):
     Q-Diffusion's block-wise reconstruction, every unit's AdaRound weight phase, then every unit's activation
@@ -121,12 +131,13 @@ def calibrate(fp_model: nn.Module, quant_config: QuantConfig | None, xs: torch.T
     ``quant_config``/``settings``: None means the defaults (W4A8; the reference CIFAR-10 run's 20000/5000
     iterations). ``seed``/``segment`` seed every item. ``callback(item)`` runs after every work item with an
     :class:`ItemDone` (progress, losses, ``item.resume_point()`` for a checkpoint); an exception it raises stops the
-    calibration. ``progress(iteration, iterations, loss)`` is called inside items. ``resume`` continues from a
-    :class:`ResumePoint` with the bits of an uninterrupted run.
+    calibration. ``progress(iteration, iterations, loss)`` is called inside items. ``init_state`` / ``warm``: start
+    from a finished calibration's quant state and fine-tune it (:class:`SegmentCalibrator`). ``resume`` continues
+    from a :class:`ResumePoint` with the bits of an uninterrupted run.
     """
     _check_pairs(xs, ts)
     calibrator = SegmentCalibrator(fp_model, quant_config or QuantConfig(), settings or ReconSettings(), seed=seed,
-                                   segment=segment, resume=resume)
+                                   segment=segment, init_state=init_state, warm=warm, resume=resume)
     while not calibrator.done:
         item = calibrator.run_item(xs, ts, progress)
         if callback is not None:

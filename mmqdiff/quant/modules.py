@@ -191,6 +191,15 @@ def init_adaround(module: nn.Module) -> None:
             q.init_alpha(w)
 
 
+def soften_adaround(module: nn.Module, margin: float) -> None:
+    """Re-set every alpha inside ``module`` at h = 0.5 +- ``margin`` from its hard rounding decision
+    (:meth:`AdaRoundQuantizer.soften_hard`): the start of a weight phase that fine-tunes a loaded solution."""
+    for layer in quant_layers(module):
+        layer.unfreeze()
+        for q in layer.weight_quantizers():
+            q.soften_hard(margin)
+
+
 def adaround_quantizers(module: nn.Module) -> list[AdaRoundQuantizer]:
     """All weight quantizers inside ``module`` (split second halves included; see ``.regularized``)."""
     return [m for m in module.modules() if isinstance(m, AdaRoundQuantizer)]

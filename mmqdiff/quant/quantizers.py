@@ -193,6 +193,16 @@ class AdaRoundQuantizer(UniformAffineQuantizer):
         rest = scaled - torch.floor(scaled)
         self.alpha.data = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
 
+    @torch.no_grad()
+    def soften_hard(self, margin: float) -> None:
+        """Re-set alpha from the current hard rounding so that h(alpha) = 0.5 + margin where it rounds up and
+        0.5 - margin where it rounds down: the same hard decisions, but off the rectified sigmoid's flat ends (where
+        AdaRound leaves most alphas, with zero gradient), so a further optimisation can still move them."""
+        if not 0 < margin < 0.5:
+            raise ValueError(f"soft margin must be in (0, 0.5) (h = 0.5 +- margin strictly inside (0, 1)), got {margin}")
+        h = torch.where(self.alpha >= 0, 0.5 + margin, 0.5 - margin)
+        self.alpha.data = -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
+
     def h(self) -> torch.Tensor:
         """Rectified sigmoid in [0, 1]."""
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
@@ -229,6 +239,8 @@ class LinearTempDecay:
     def __call__(self, t: int) -> float:
         if t < self.start_decay:
             return self.start_b
+        if self.t_max <= self.start_decay:  # no decay phase (0 iterations, or warm-up 1.0): the end temperature
+            return self.end_b
         rel_t = (t - self.start_decay) / (self.t_max - self.start_decay)
         return self.end_b + (self.start_b - self.end_b) * max(0.0, 1 - rel_t)
 

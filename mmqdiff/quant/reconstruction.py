@@ -33,7 +33,7 @@ from torch import nn
 from .blocks import QuantAttnBlock
 from .model import QuantizedUNet
 from .modules import (act_quantizers, adaround_quantizers, init_adaround, reset_act_quantizers, set_quant_state,
-                      set_rounding)
+                      set_rounding, soften_adaround)
 from .quantizers import LinearTempDecay
 
 PHASES = ("weight", "act")
@@ -215,13 +215,19 @@ def _optimise(unit: nn.Module, cache: UnitCache, loss_fn: LossFn,
 def reconstruct_weights(unit: nn.Module, cache: UnitCache, *, iters: int, batch_size: int = 32, lr: float = 1e-3,
                         reg_weight: float = 0.01, b_range: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
                         generator: torch.Generator, train_mode: bool = False, name: str = "unit",
-                        progress: Progress | None = None) -> dict[str, float]:
+                        progress: Progress | None = None, warm: WarmStart | None = None) -> dict[str, float]:
     """AdaRound phase (3.6): Adam on the alphas of every weight quantizer in ``unit``; loss = ``lp_loss(p=2)`` +
     ``reg_weight * sum(round_loss(b))`` over regularized quantizers, zero during the warm-up, ``b`` from
     :class:`LinearTempDecay`. Ends with hard rounding. Activation quantization is off in this phase. Stats add
-    ``round_loss``: the regulariser ``sum(round_loss(b))`` at the final ``b``, before hardening."""
+    ``round_loss``: the regulariser ``sum(round_loss(b))`` at the final ``b``, before hardening.
+
+    The alphas start from the weights (soft rounding reproduces them, the reference), or with ``warm`` from the
+    unit's current (loaded) rounding: see :class:`WarmStart`."""
     set_quant_state(unit, True, False)
-    init_adaround(unit)
+    if warm is None:
+        init_adaround(unit)
+    elif warm.soft_margin is not None:
+        soften_adaround(unit, warm.soft_margin)
     set_rounding(unit, "soft")
     quantizers = adaround_quantizers(unit)
     regularized = [q for q in quantizers if q.regularized]
@@ -287,6 +293,28 @@ def init_act_quantizers(q_model: QuantizedUNet, xs: torch.Tensor, ts: torch.Tens
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """How a calibration that starts from another calibration's quant state (e.g. each segment of a K>1 run from a
+    finished K=1 run) fine-tunes it, instead of starting from the plain init (nearest rounding, activation ranges
+    from one forward).
+
+    ``soft_margin``: the weight phase re-sets each alpha from the loaded hard rounding at h = 0.5 +- soft_margin, so
+    it starts at the loaded decisions but can still change them (AdaRound ends with most alphas on the flat ends of
+    the rectified sigmoid, where the gradient is zero: 92% of the embedded K=1 run's weights); None keeps the loaded
+    alphas as they are (only the unsaturated ones can move). ``act_init``: the first activation item re-runs the
+    activation init forward on this calibration's pairs (new ranges); False keeps the loaded step sizes and
+    fine-tunes them.
+    """
+
+    soft_margin: float | None = 0.4
+    act_init: bool = False
+
+    def __post_init__(self) -> None:
+        if self.soft_margin is not None and not 0 < self.soft_margin < 0.5:
+            raise ValueError(f"WarmStart.soft_margin must be in (0, 0.5) or None, got {self.soft_margin!r}")
+
+
+@dataclass(frozen=True)
 class ReconSettings:
     """Reconstruction hyperparameters (defaults: the reference CIFAR-10 run) and the improvement switches."""
 
@@ -307,17 +335,20 @@ class ReconSettings:
     cache_batch_size: int = 256
 
     def scaled(self, factor: float) -> ReconSettings:
-        """These settings with both iteration counts times ``factor`` (rounded, at least 1): a segment's share of a
+        """These settings with both iteration counts times ``factor`` (rounded, at least 1 unless 0): a segment's share of a
         per-segment budget, at the same schedule shape (warm-up fraction, temperature range, learning rates)."""
         if not factor > 0:
             raise ValueError(f"iteration scale must be > 0, got {factor}")
-        return replace(self, cali_iters=max(1, round(self.cali_iters * factor)),
-                       cali_iters_a=max(1, round(self.cali_iters_a * factor)))
+        return replace(self, cali_iters=max(min(1, self.cali_iters), round(self.cali_iters * factor)),
+                       cali_iters_a=max(min(1, self.cali_iters_a), round(self.cali_iters_a * factor)))
 
     def __post_init__(self) -> None:
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
-        for name in ("cali_iters", "cali_iters_a", "batch_size", "act_init_samples", "cache_batch_size"):
+        for name in ("cali_iters", "cali_iters_a"):  # 0: the phase keeps its start (init or warm start) unoptimised
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "act_init_samples", "cache_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_w", "lr_a"):
@@ -344,17 +375,19 @@ def item_seed(seed: int, segment: int, unit: int, phase: str) -> int:
 
 
 def calibrate_item(q_model: QuantizedUNet, fp_model: nn.Module, xs: torch.Tensor, ts: torch.Tensor, unit: int,
-                   phase: str, settings: ReconSettings, seed: int,
-                   progress: Progress | None = None) -> dict[str, float]:
+                   phase: str, settings: ReconSettings, seed: int, progress: Progress | None = None,
+                   warm: WarmStart | None = None) -> dict[str, float]:
     """One work item of one segment: cache the unit's data, then run its weight or activation phase (the activation
-    init forward is part of the first activation item). Deterministic given ``seed`` (see :func:`item_seed`)."""
+    init forward is part of the first activation item, unless ``warm`` keeps the loaded ranges). ``warm``: the model
+    holds a loaded solution to fine-tune (:class:`WarmStart`). Deterministic given ``seed`` (see
+    :func:`item_seed`)."""
     name, module = q_model.units()[unit]
     generator = torch.Generator().manual_seed(seed)
     s = settings
     device = next(fp_model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # dropout draws in reference train mode
-        if phase == "act" and unit == 0:
+        if phase == "act" and unit == 0 and (warm is None or warm.act_init):
             init_act_quantizers(q_model, xs, ts, samples=s.act_init_samples, generator=generator,
                                 train_mode=not s.eval_mode)
         cache = cache_unit_io(q_model, fp_model, name, xs, ts, asym=phase == "weight", act_quant=phase == "act",
@@ -363,7 +396,8 @@ def calibrate_item(q_model: QuantizedUNet, fp_model: nn.Module, xs: torch.Tensor
         if phase == "weight":
             stats = reconstruct_weights(module, cache, iters=s.cali_iters, batch_size=s.batch_size, lr=s.lr_w,
                                         reg_weight=s.reg_weight, b_range=(s.b_start, s.b_end), warmup=s.warmup,
-                                        generator=generator, train_mode=not s.eval_mode, name=name, progress=progress)
+                                        generator=generator, train_mode=not s.eval_mode, name=name, progress=progress,
+                                        warm=warm)
         else:
             stats = reconstruct_activations(module, cache, iters=s.cali_iters_a, batch_size=s.batch_size, lr=s.lr_a,
                                             p=s.p, generator=generator, train_mode=not s.eval_mode, name=name,
