@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--cali-n", type=int, default=32)
     ap.add_argument("--heldout", type=int, nargs=2, default=(192, 256), metavar=("FIRST", "END"))
     ap.add_argument("--weight-bits", type=int, default=4)
+    ap.add_argument("--weight-symmetric", action="store_true",
+                    help="symmetric per-channel weights (zero point 0: the integer runtime needs no offsets at W8)")
     ap.add_argument("--set", nargs="*", default=[], help="ReconSettings overrides, e.g. lr_w=0.008")
     ap.add_argument("--segment-scale", type=float, nargs="*", help="per-segment iteration factors")
     ap.add_argument("--threads", type=int, default=2)
@@ -92,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     fp = load_checkpoint(build_model("configs/embedded.yaml"), "checkpoints/embedded_unet.pt").eval()
     calib = CalibrationFile(args.calibration)
-    quant = QuantConfig(weight_bits=args.weight_bits, act_bits=8)
+    quant = QuantConfig(weight_bits=args.weight_bits, act_bits=8, weight_symmetric=args.weight_symmetric)
     overrides = parse_overrides(args.set)
     warm = WarmStart(None if args.soft_margin.lower() == "none" else float(args.soft_margin), args.warm_act_init)
     base, init_state = (None, None) if args.init_from is None else \
@@ -110,7 +112,7 @@ def main() -> None:
         step_seg = segment_of_step(segments)
         err = heldout_step_error(lambda i: models[step_seg[i]], fp, calib, heldout)
         row = {"label": args.label, "k": args.k, "cali_st": args.cali_st, "cali_n": args.cali_n,
-               "weight_bits": args.weight_bits, "recon": asdict(settings), "overrides": overrides,
+               "weight_bits": args.weight_bits, "weight_symmetric": args.weight_symmetric, "recon": asdict(settings), "overrides": overrides,
                "segment_scale": args.segment_scale,
                "init_from": None if base is None else {**base, "warm": asdict(warm)},
                "compute": compute(settings, args.k, args.segment_scale, base),

@@ -79,7 +79,8 @@ def main() -> None:
                          "_int_mm": lambda: intmm(x)}, args.repeats))
         for batch, ch, hw in [(128, 64, 64), (8, 256, 256)]:
             q, k = torch.randn(batch, hw, ch), torch.randn(batch, ch, hw)
-            qi, ki = torch.randint(-127, 128, (batch, hw, ch)).float(), torch.randint(-127, 128, (batch, ch, hw)).float()
+            qi = torch.randint(-127, 128, (batch, hw, ch)).float()
+            ki = torch.randint(-127, 128, (batch, ch, hw)).float()
             row(f"attention q.k, batch {batch}, {hw} positions, {ch} channels (integer levels given)",
                 best_ms({"fp32 bmm": lambda: torch.bmm(q, k),
                          "exact fp32 bmm of levels": lambda: integer_bmm(qi, ki, 127),

@@ -33,16 +33,18 @@ def main() -> None:
         r.setdefault("heldout_x_mse", sample_space_error(r["per_step"], sensitivity))
     if args.labels:
         rows = [r for r in rows if r["label"] in args.labels]
-    series = defaultdict(list)  # one line per (K, learning rate, per-segment budget shape, warm start's base compute)
+    series = defaultdict(list)  # one line per (K, learning rate, budget shape, warm start's base, calibration data)
     for r in rows:
         base = tuple((r.get("init_from") or {}).get("compute", ()))
-        series[(r["k"], r["recon"]["lr_w"], tuple(r.get("segment_scale") or ()), base)].append(r)
+        data = (r["cali_st"], r["cali_n"])
+        series[(r["k"], r["recon"]["lr_w"], tuple(r.get("segment_scale") or ()), base, data)].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (k, lr, scale, base), rs in sorted(series.items()):
+    for (k, lr, scale, base, data), rs in sorted(series.items()):
         rs.sort(key=lambda r: r["recon"]["cali_iters"])
         x = [r["recon"]["cali_iters"] for r in rs]
         name = f"K={k}, lr_w {lr:g}" + (" (reference)" if lr == 1e-3 else "") + (f", scale {list(scale)}" if scale else "")
         name += f", warm from K=1 {base[0]}/{base[1]}" if base else ""
+        name += f", cali_st {data[0]} x cali_n {data[1]}" if data != (4, 32) else ""
         axes[0].plot(x, [r["heldout_x_mse"] for r in rs], marker="o", label=name)
         axes[1].plot(x, [r["heldout_mse"] for r in rs], marker="o", label=name)
     for ax, title in zip(axes, ("held-out sample-space error", "held-out noise-prediction MSE (mean over steps)")):

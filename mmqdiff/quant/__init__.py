@@ -12,9 +12,10 @@ from .modules import (QuantConfig, QuantLayer, act_quantizers, adaround_quantize
 from .quantizers import AdaRoundQuantizer, LinearTempDecay, UniformAffineQuantizer
 from .reconstruction import ReconSettings, WarmStart
 
-__all__ = ["QuantConfig", "QuantizedUNet", "quantize_model", "calibrate", "init_activation_ranges", "ReconSettings", "WarmStart",
-           "SegmentCalibrator", "ResumePoint", "ItemDone", "QuantLayer", "QuantResnetBlock", "QuantAttnBlock",
-           "UniformAffineQuantizer", "AdaRoundQuantizer", "LinearTempDecay", "set_quant_state", "set_rounding",
-           "init_adaround", "soften_adaround", "adaround_quantizers", "act_quantizers", "reset_act_quantizers", "quant_layers",
-           "quant_state_dict", "load_quant_state", "config_from_state", "decoder_split_points", "export_packed",
-           "packed_nbytes", "dequantize_packed", "load_packed", "to_integer", "IntegerUNet", "IntegerUnsupported"]
+__all__ = ["QuantConfig", "QuantizedUNet", "quantize_model", "calibrate", "init_activation_ranges", "ReconSettings",
+           "WarmStart", "SegmentCalibrator", "ResumePoint", "ItemDone", "QuantLayer", "QuantResnetBlock",
+           "QuantAttnBlock", "UniformAffineQuantizer", "AdaRoundQuantizer", "LinearTempDecay", "set_quant_state",
+           "set_rounding", "init_adaround", "soften_adaround", "adaround_quantizers", "act_quantizers",
+           "reset_act_quantizers", "quant_layers", "quant_state_dict", "load_quant_state", "config_from_state",
+           "decoder_split_points", "export_packed", "packed_nbytes", "dequantize_packed", "load_packed", "to_integer",
+           "IntegerUNet", "IntegerUnsupported"]

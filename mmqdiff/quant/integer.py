@@ -308,8 +308,8 @@ def integer_bmm(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
 class IntegerAttnBlock(nn.Module):
     """``QuantAttnBlock`` with integer q/k/v/proj_out layers and integer attention matmuls: q.k and w.v multiply
     the integer levels of the calibrated q/k/v/softmax quantizers exactly (:func:`integer_bmm`) and rescale once,
-    where the fake-quant block multiplies their dequantized fp32 values. Needs quantizers whose centred levels fit int8 (symmetric, as
-    Q-Diffusion's ``--a_sym``); :func:`to_integer` keeps the fake-quant matmuls otherwise."""
+    where the fake-quant block multiplies their dequantized fp32 values. Needs quantizers whose centred levels fit
+    int8 (symmetric, as Q-Diffusion's ``--a_sym``); :func:`to_integer` keeps the fake-quant matmuls otherwise."""
 
     def __init__(self, block: QuantAttnBlock, backend: str):
         super().__init__()
