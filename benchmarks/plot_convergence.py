@@ -37,14 +37,16 @@ def main() -> None:
     for r in rows:
         base = tuple((r.get("init_from") or {}).get("compute", ()))
         data = (r["cali_st"], r["cali_n"])
-        series[(r["k"], r["recon"]["lr_w"], tuple(r.get("segment_scale") or ()), base, data)].append(r)
+        bits = (r.get("weight_bits", 4), r.get("weight_symmetric", False))
+        series[(r["k"], r["recon"]["lr_w"], tuple(r.get("segment_scale") or ()), base, data, bits)].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (k, lr, scale, base, data), rs in sorted(series.items()):
+    for (k, lr, scale, base, data, bits), rs in sorted(series.items()):
         rs.sort(key=lambda r: r["recon"]["cali_iters"])
         x = [r["recon"]["cali_iters"] for r in rs]
         name = f"K={k}, lr_w {lr:g}" + (" (reference)" if lr == 1e-3 else "") + (f", scale {list(scale)}" if scale else "")
         name += f", warm from K=1 {base[0]}/{base[1]}" if base else ""
         name += f", cali_st {data[0]} x cali_n {data[1]}" if data != (4, 32) else ""
+        name += f", W{bits[0]}A8" + (" symmetric weights" if bits[1] else "") if bits != (4, False) else ""
         axes[0].plot(x, [r["heldout_x_mse"] for r in rs], marker="o", label=name)
         axes[1].plot(x, [r["heldout_mse"] for r in rs], marker="o", label=name)
     for ax, title in zip(axes, ("held-out sample-space error", "held-out noise-prediction MSE (mean over steps)")):
@@ -64,6 +66,8 @@ def main() -> None:
         q = " / ".join(f"{v:.4f}" for v in r["quarters"])
         scale = f" scale {r['segment_scale']}" if r.get("segment_scale") else ""
         scale += f" from K=1 {r['init_from']['compute'][0]}/{r['init_from']['compute'][1]}" if r.get("init_from") else ""
+        scale += f" W{r['weight_bits']}A8" + (" sym-w" if r.get("weight_symmetric") else "") \
+            if r.get("weight_bits", 4) != 4 else ""
         print(f"| {r['k']} | {r['label']}{scale} | {r['recon']['lr_w']:g} | {r['recon']['cali_iters']}/"
               f"{r['recon']['cali_iters_a']} | {r['cali_st']}x{r['cali_n']} | {r['heldout_x_mse']:.2e} | "
               f"{r['heldout_mse']:.4f} | {q} | {r['seconds']:.0f} | {r['threads']} |")
