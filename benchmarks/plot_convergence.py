@@ -39,7 +39,8 @@ def main() -> None:
         data = (r["cali_st"], r["cali_n"])
         bits = (r.get("weight_bits", 4), r.get("weight_symmetric", False))
         series[(r["k"], r["recon"]["lr_w"], tuple(r.get("segment_scale") or ()), base, data, bits)].append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.cm.tab20.colors)  # one colour per series
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
     for (k, lr, scale, base, data, bits), rs in sorted(series.items()):
         rs.sort(key=lambda r: r["recon"]["cali_iters"])
         x = [r["recon"]["cali_iters"] for r in rs]
@@ -55,8 +56,8 @@ def main() -> None:
         ax.set_xlabel("weight iterations per unit and segment")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7.5, frameon=False)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print("| K | label | lr_w | iters (w/a) | cali_st x cali_n | held-out x-space | held-out MSE | quarters "
