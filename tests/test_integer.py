@@ -139,27 +139,37 @@ def accumulation_bound(layer: QuantLayer, x: torch.Tensor) -> torch.Tensor:
     return (layer.weight[0].numel() + 8) * U * mag
 
 
-def layer_inputs(q: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(input, output) of every QuantLayer in one fake-quant forward, by module path."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def first_calls(model: torch.nn.Module, kind: type, x: torch.Tensor,
+                t: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) of the first call of every ``kind`` module inside ``model.model`` in one forward, by module
+    path, in forward order. The input is cloned before the module runs (integer layers may overwrite theirs)."""
+    seen: dict[str, list] = {}
 
-    def record(name: str):
-        def hook(module, args, out) -> None:
-            seen.setdefault(name, (args[0].clone(), out))
+    def before(name: str):
+        def hook(module, args) -> None:
+            seen.setdefault(name, [args[0].clone(), None])
         return hook
 
-    hooks = [m.register_forward_hook(record(n)) for n, m in q.model.named_modules() if isinstance(m, QuantLayer)]
+    def after(name: str):
+        def hook(module, args, out) -> None:
+            if seen[name][1] is None:
+                seen[name][1] = out
+        return hook
+
+    modules = [(n, m) for n, m in model.model.named_modules() if isinstance(m, kind)]
+    hooks = [h for n, m in modules
+             for h in (m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n)))]
     with torch.no_grad():
-        q(x, t)
+        model(x, t)
     for h in hooks:
         h.remove()
-    return seen
+    return {name: (inp, out) for name, (inp, out) in seen.items()}
 
 
 def check_every_layer(q: torch.nn.Module, backend: str, n: int) -> None:
     im = to_integer(q, backend)
     int_layers = {name: m for name, m in im.model.named_modules() if isinstance(m, IntegerLayer)}
-    seen = layer_inputs(q, *inputs(q, n, seed=5))
+    seen = first_calls(q, QuantLayer, *inputs(q, n, seed=5))
     assert seen.keys() == int_layers.keys()
     with torch.no_grad():
         for name, (x, fake) in seen.items():
@@ -225,19 +235,8 @@ def test_attention_matmuls_within_accumulation_bound(embedded, trajectories):
 def first_divergence(q, im, x, t) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Feed both models; walk the quantized layers in forward order and return the first whose input codes differ:
     (name, fake input, integer-runtime input, scaled fake input at the differing codes), or None."""
-    fake = layer_inputs(q, x, t)  # in forward order
-    ints: dict[str, torch.Tensor] = {}
-
-    def record(name: str):
-        def hook(module, args) -> None:
-            ints.setdefault(name, args[0].clone())
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in im.model.named_modules() if isinstance(m, IntegerLayer)]
-    with torch.no_grad():
-        im(x, t)
-    for h in hooks:
-        h.remove()
+    fake = first_calls(q, QuantLayer, x, t)
+    ints = {name: inp for name, (inp, _) in first_calls(im, IntegerLayer, x, t).items()}
     for name, (x_fake, _) in fake.items():
         layer = q.model.get_submodule(name)
         for aq, xf, xi in zip(layer.act_quantizers(), layer.halves(x_fake), layer.halves(ints[name])):
