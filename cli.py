@@ -40,11 +40,14 @@ def project_error(error: BaseException) -> BaseException:
     return error
 
 import mmqdiff.lightning  # noqa: F401  (keeps Lightning's promotional tips out of the output)
+from mmqdiff.allocator import keep_freed_memory
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
     """Errors raised while the CLI builds the model or data (a missing checkpoint, a bad setting) surface as
-    themselves, so the project's message is the last line printed, once."""
+    themselves, so the project's message is the last line printed, once. Every process (each rank re-runs this)
+    keeps freed memory for reuse (``mmqdiff.allocator``)."""
+    keep_freed_memory()
     try:
         return LightningCLI(subclass_mode_model=True, subclass_mode_data=True, args=args,
                             save_config_callback=SaveConfigAtStart, save_config_kwargs={"overwrite": True},

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from mmqdiff.allocator import keep_freed_memory
 from mmqdiff.data import load_calibration, timestep_segments
 from mmqdiff.diffusion import build_model, eps_sensitivity, linear_betas, load_checkpoint, timesteps
 from mmqdiff.evaluation import sample_space_error
@@ -174,13 +175,16 @@ def main() -> list[str]:
     ap.add_argument("--convergence", type=Path, help="bench_convergence.py results: also time each schedule to the "
                     "reference's converged held-out error (and skip the per-unit tables)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.allocator)")
     args = ap.parse_args()
+    malloc = "glibc defaults" if args.glibc_malloc or not keep_freed_memory() else "freed memory kept"
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"Device: {device} ({name}), {torch.get_num_threads()} torch threads, batch {args.batch}, "
-              f"torch {torch.__version__}, float32 eager; load average at start {load:.1f}.")
+              f"torch {torch.__version__}, float32 eager, malloc: {malloc}; load average at start {load:.1f}.")
     print(header, flush=True)
     lines = ["", "## Calibration: reconstruction cost (bench_calibration.py)", header, "",
              "| model | unit | batch | ms/iter weight | ms/iter act | ms/sample caching | cache MiB | peak MiB |",

@@ -9,6 +9,11 @@ change speed); K=1 uses the first of them. The embedded UNet samples ``--steps``
 
     .venv/bin/python benchmarks/bench_sampling.py --threads 1 2 [--embedded-batch 128] [--cifar-batches 8 64]
         [--steps 100] [--cifar-steps 4] [--repeats 2] [--device cpu|cuda] [--only embedded|cifar10] [--clock cpu]
+        [--glibc-malloc]
+
+Like cli.py, it keeps freed memory for reuse (``mmqdiff.allocator``): with glibc's defaults every run re-faults its
+temporaries' pages and a run's speed depends on what ran before it in the process (a later copy of the same
+quantized model measured up to 15% slower than the first), which would bias the interleaved comparison.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import time
 
 import torch
 
+from mmqdiff.allocator import keep_freed_memory
 from mmqdiff.data import segment_of_step, timestep_segments
 from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_checkpoint, segment_switch, timesteps
 from mmqdiff.quant import QuantConfig, quantize_model, set_rounding, to_integer
@@ -111,12 +117,15 @@ def main() -> None:
     ap.add_argument("--only", choices=["embedded", "cifar10"])
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="cpu: CPU seconds instead of wall time, steadier on a machine other jobs load")
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.allocator)")
     args = ap.parse_args()
+    malloc = "glibc defaults" if args.glibc_malloc or not keep_freed_memory() else "freed memory kept"
     device = torch.device(args.device)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {dev}, torch {torch.__version__}, float32 eager, inference mode, best of "
-          f"{args.repeats} interleaved, {args.clock} clock, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}; "
+          f"{args.repeats} interleaved, {args.clock} clock, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}, malloc: {malloc}; "
           f"load average at start {load:.1f}\n")
     print("| model | batch | threads | steps | run | s per sampling | ms per image-step | time vs FP |")
     print("|---|---|---|---|---|---|---|---|")

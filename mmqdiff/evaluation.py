@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .data.calibration import CalibrationFile
-from .data.segments import segment_of_step
+from .data.segments import equal_share_boundaries, segment_of_step
 from .diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint, timesteps
 from .manifest import load_segment_models, read_manifest
 
@@ -61,22 +61,19 @@ def quarter_means(per_step: Sequence[float]) -> list[float]:
     return [sum(per_step[a:b]) / max(b - a, 1) for a, b in zip(edges, edges[1:])]
 
 
-def heldout_error_of_run(run_dir: str | Path, calibration: str | Path, trajectories: Sequence[int],
-                         threads: int | None = None) -> dict[str, Any]:
-    """Held-out per-step error of a finished calibration run's K segment models (rebuilt from their packed exports,
-    as the sampler uses them) on ``trajectories`` of ``calibration``, which must all lie beyond the run's
-    ``cali_n`` (the trajectories calibration selected from)."""
+def _run_step_error(run_dir: str | Path, calibration: str | Path, trajectories: Sequence[int],
+                    threads: int | None) -> tuple[list[float], list[float]]:
+    """(per-step error against FP on ``trajectories``, per-step ``eps_sensitivity``) of a finished calibration run's
+    K segment models, rebuilt from their packed exports as the sampler uses them."""
     manifest = read_manifest(run_dir)
-    cali_n = manifest["calibration"]["cali_n"]
-    if min(trajectories) < cali_n:
-        raise ValueError(f"held-out trajectories {min(trajectories)}.. overlap the first cali_n={cali_n} "
-                         f"trajectories that {run_dir} calibrated on")
     calib = CalibrationFile(calibration)
     if calib.num_steps != manifest["num_steps"]:
         raise ValueError(f"{calibration}: holds {calib.num_steps} steps, {run_dir} was calibrated for "
                          f"{manifest['num_steps']}")
     config = manifest["fp_model"]["config_dict"]
-    calib.check_schedule(timesteps(manifest["num_steps"], manifest["skip_type"], len(betas_from_config(config))))
+    betas = betas_from_config(config)
+    seq = timesteps(manifest["num_steps"], manifest["skip_type"], len(betas))
+    calib.check_schedule(seq)
     fp = build_model(config)
     load_checkpoint(fp, manifest["fp_model"]["checkpoint"]).eval()
     segments, models = load_segment_models(run_dir, fp)
@@ -87,8 +84,28 @@ def heldout_error_of_run(run_dir: str | Path, calibration: str | Path, trajector
         per_step = heldout_step_error(lambda i: models[step_segment[i]], fp, calib, trajectories)
     finally:
         torch.set_num_threads(previous)
-    betas = betas_from_config(config)
-    sensitivity = eps_sensitivity(timesteps(manifest["num_steps"], manifest["skip_type"], len(betas)), betas)
+    return per_step, eps_sensitivity(seq, betas)
+
+
+def heldout_error_of_run(run_dir: str | Path, calibration: str | Path, trajectories: Sequence[int],
+                         threads: int | None = None) -> dict[str, Any]:
+    """Held-out per-step error of a finished calibration run's K segment models on ``trajectories`` of
+    ``calibration``, which must all lie beyond the run's ``cali_n`` (the trajectories calibration selected from)."""
+    cali_n = read_manifest(run_dir)["calibration"]["cali_n"]
+    if min(trajectories) < cali_n:
+        raise ValueError(f"held-out trajectories {min(trajectories)}.. overlap the first cali_n={cali_n} "
+                         f"trajectories that {run_dir} calibrated on")
+    per_step, sensitivity = _run_step_error(run_dir, calibration, trajectories, threads)
     return {"heldout_mse": sum(per_step) / len(per_step), "heldout_quarters": quarter_means(per_step),
             "heldout_x_mse": sample_space_error(per_step, sensitivity),
             "heldout_per_step": per_step, "heldout_trajectories": [min(trajectories), max(trajectories) + 1]}
+
+
+def damage_boundaries(run_dir: str | Path, calibration: str | Path, k: int, threads: int | None = None) -> list[int]:
+    """Cut points for K segments chosen from data: each segment gets an equal share of a finished run's (usually
+    K=1's) sample-space damage per step, ``sensitivity^2 * error`` (see :func:`sample_space_error`), measured at
+    every step on the run's own calibration trajectories (the first ``cali_n``), never on the held-out ones that
+    score the result. Where errors move the sample most (the noisy steps) the segments get short."""
+    cali_n = read_manifest(run_dir)["calibration"]["cali_n"]
+    per_step, sensitivity = _run_step_error(run_dir, calibration, range(cali_n), threads)
+    return equal_share_boundaries([s * s * e for s, e in zip(sensitivity, per_step)], k)

@@ -24,7 +24,7 @@ import yaml
 from rich.console import Console
 
 from .diffusion import build_model
-from .evaluation import heldout_error_of_run
+from .evaluation import damage_boundaries, heldout_error_of_run
 from .io import atomic_write_text
 from .manifest import calibration_compute, damaged_segments, read_manifest, reexport_segments
 from .report import write_report
@@ -80,9 +80,35 @@ def generate_calibration(cfg: dict[str, Any], timings: dict[str, float]) -> None
                                 data["path"], *data.get("args", [])], timings)
 
 
-def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, float]) -> None:
+def segment_count(run: dict[str, Any]) -> int:
+    """K of a calibration entry: ``--data.init_args.k`` in its args, else its config's ``data.init_args.k``."""
+    args = [str(a) for a in run.get("args", [])]
+    if "--data.init_args.k" in args:
+        return int(args[args.index("--data.init_args.k") + 1])
+    return int(yaml.safe_load(Path(run["config"]).read_text())["data"]["init_args"].get("k", 1))
+
+
+def data_driven_boundaries(run: dict[str, Any], runs: list[dict[str, Any]], calibration_data: str) -> list[str]:
+    """``--data.init_args.boundaries`` for an entry with ``boundaries_from: <name of an earlier run>``: the cut
+    points that give each segment an equal share of that run's sample-space damage
+    (``evaluation.damage_boundaries``); none without the key."""
+    source = run.get("boundaries_from")
+    if source is None:
+        return []
+    earlier = {r["name"]: r for r in runs[:runs.index(run)]}
+    if source not in earlier:
+        raise ValueError(f"{run['name']}: boundaries_from names {source!r}, which is not a calibration listed before "
+                         f"it ({list(earlier)})")
+    cuts = damage_boundaries(earlier[source]["run_dir"], calibration_data, segment_count(run))
+    console.print(f"{run['name']}: segment boundaries {cuts} (equal shares of {source}'s sample-space damage)")
+    return ["--data.init_args.boundaries", json.dumps(cuts)]
+
+
+def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, float],
+              runs: list[dict[str, Any]] | None = None) -> None:
     """Done when every file the run's manifest lists is intact; damaged segments are re-exported from the run's
-    checkpoint (only those); an unfinished run is resumed; otherwise the calibration runs."""
+    checkpoint (only those); an unfinished run is resumed; otherwise the calibration runs. ``runs``: the whole
+    list, for an entry whose boundaries come from an earlier run (``boundaries_from``)."""
     run_dir = Path(run["run_dir"])
     if (run_dir / "manifest.json").is_file():
         damaged = damaged_segments(run_dir)
@@ -96,7 +122,8 @@ def calibrate(run: dict[str, Any], calibration_data: str, timings: dict[str, flo
         console.print(f"{run['name']}: calibration present in {run_dir}")
         return
     args = ["fit", "--config", run["config"], "--trainer.default_root_dir", str(run_dir),
-            "--data.init_args.path", calibration_data, *run.get("args", [])]
+            "--data.init_args.path", calibration_data, *run.get("args", []),
+            *data_driven_boundaries(run, runs or [run], calibration_data)]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         args += ["--ckpt_path", "last"]
     _stage(f"calibrate {run['name']}", args, timings)
@@ -187,7 +214,8 @@ def run_entry(name: str, metrics: dict[str, Any], manifest: dict[str, Any] | Non
 
 def main(argv: list[str] | None = None) -> Path:
     """Stages of the config: ``calibration_data``, ``calibrations`` and ``sampling``; each may add ``args``
-    (extra ``cli.py`` flags, e.g. the user's checkpoint path) to its commands."""
+    (extra ``cli.py`` flags, e.g. the user's checkpoint path) to its commands. The report goes to ``report_dir``
+    (default ``<output_dir>/report``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/embedded/main.yaml")
     args = parser.parse_args(argv)
@@ -200,7 +228,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     generate_calibration(cfg, timings)
     for run in cfg["calibrations"]:
-        calibrate(run, cfg["calibration_data"]["path"], timings)
+        calibrate(run, cfg["calibration_data"]["path"], timings, cfg["calibrations"])
 
     check_equal_compute(cfg["calibrations"])
 
@@ -214,9 +242,10 @@ def main(argv: list[str] | None = None) -> Path:
             metrics.update(heldout(run, cfg, run_out, timings))
         runs.append(run_entry(run["name"], metrics, read_manifest(run["run_dir"]), sampling["model_config"], run_out))
 
-    report = write_report(runs, out / "report", console=console)
+    report_dir = Path(cfg.get("report_dir", out / "report"))
+    report = write_report(runs, report_dir, console=console)
     timings["total"] = time.perf_counter() - start
-    (out / "report" / "timings.json").write_text(json.dumps(timings, indent=1))
+    (report_dir / "timings.json").write_text(json.dumps(timings, indent=1))
     for stage, seconds in timings.items():
         console.print(f"{stage:>28}: {seconds:7.1f} s")
     print(report.resolve())

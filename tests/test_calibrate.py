@@ -19,10 +19,11 @@ import yaml
 
 import cli
 from mmqdiff import pipeline
-from mmqdiff.data import CalibrationFile, load_calibration, record_trajectories, save_calibration, select_steps
-from mmqdiff.diffusion import (build_model, file_sha256, linear_betas, load_checkpoint, load_config,
+from mmqdiff.data import (CalibrationFile, equal_share_boundaries, load_calibration, record_trajectories,
+                          save_calibration, select_steps)
+from mmqdiff.diffusion import (build_model, eps_sensitivity, file_sha256, linear_betas, load_checkpoint, load_config,
                                state_dict_sha256, timesteps)
-from mmqdiff.evaluation import heldout_error_of_run, heldout_step_error
+from mmqdiff.evaluation import damage_boundaries, heldout_error_of_run, heldout_step_error
 from mmqdiff.io import check_writable
 from mmqdiff.lightning.calibrate import SegmentCalibration
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter
@@ -179,6 +180,16 @@ def test_heldout_error_of_a_run_uses_its_segment_models_on_unused_trajectories(w
     assert out["heldout_x_mse"] > 0 and len(out["heldout_quarters"]) == 4
     with pytest.raises(ValueError, match="overlap the first cali_n=6 trajectories"):
         heldout_error_of_run(run_dir, world["calibration"], range(5, 8))
+
+
+def test_damage_boundaries_share_the_runs_calibration_error_equally(world, finished):
+    run_dir, module = finished
+    fp = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
+    per_step = heldout_step_error(lambda i: module.nets.segments[i // 5].qmodel.eval(), fp,
+                                  CalibrationFile(world["calibration"]), range(6))  # cali_n=6: calibration's own
+    sensitivity = eps_sensitivity(timesteps(NUM_STEPS, "quad"), linear_betas())
+    damage = [s * s * e for s, e in zip(sensitivity, per_step)]
+    assert damage_boundaries(run_dir, world["calibration"], 3) == equal_share_boundaries(damage, 3)
 
 
 def test_tampered_outputs_are_refused(finished, tmp_path):

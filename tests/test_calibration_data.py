@@ -178,7 +178,7 @@ def test_datamodule_serves_segment(tmp_path, capsys):
     assert torch.equal(x, load_calibration(path, 5, 3, steps=range(25, 50))[0])
     assert list(dm.selected) == [1] and torch.equal(dm.selected[1][0], x) and torch.equal(dm.selected[1][1], t)
     t_step = t_of_step(100).long().tolist()
-    assert dm.summary == [{"segment": 1, "steps": (25, 49), "selected_steps": 5,
+    assert dm.summary == [{"segment": 1, "steps": (25, 49), "window": (25, 49), "selected_steps": 5,
                            "t_range": (t_step[25], t_step[45]), "pairs": 15}]
     # one element per training step, each the segment's whole pair set, for as long as the module asks
     stream = iter(dm.train_dataloader())
@@ -193,6 +193,29 @@ def test_datamodule_serves_segment(tmp_path, capsys):
     every = CalibrationDataModule(str(path), num_steps=100, k=4, cali_st=5, cali_n=3)  # no trainer: all segments
     every.setup()
     assert list(every.selected) == [0, 1, 2, 3]
+
+
+def test_overlap_widens_each_calibration_window_not_the_segments(tmp_path):
+    xs, ts = encoded(100)
+    path = save_calibration(tmp_path / "c.pt", xs, ts, {"num_steps": 100, "skip_type": "quad"})
+    dm = CalibrationDataModule(str(path), num_steps=100, k=4, cali_st=5, cali_n=3, overlap=3)
+    dm.setup()
+    assert dm.segments == [range(0, 25), range(25, 50), range(50, 75), range(75, 100)]  # sampling's cuts unchanged
+    windows = [range(0, 28), range(22, 53), range(47, 78), range(72, 100)]  # clipped at both ends of the schedule
+    for s, window in enumerate(windows):
+        assert dm.window(s) == window
+        x, t = dm.selected[s]
+        assert torch.equal(x, load_calibration(path, 5, 3, steps=window)[0])
+        # xs encode 1000 * step + trajectory: the pairs come from the window's steps by the reference rule
+        assert sorted({int(v) // 1000 for v in x[:, 0, 0, 0]}) == select_steps(window, 5)
+    assert [r["window"] for r in dm.summary] == [(w[0], w[-1]) for w in windows]
+    assert CalibrationDataModule(str(path), num_steps=100, k=4).window(1) == range(25, 50)  # default: no overlap
+
+
+@pytest.mark.parametrize("overlap", [-1, 1.5, "2"])
+def test_overlap_must_be_a_step_count(tmp_path, overlap):
+    with pytest.raises(ValueError, match=f"overlap must be an integer number of steps >= 0, got {overlap!r}"):
+        CalibrationDataModule(str(tmp_path / "c.pt"), num_steps=100, k=4, overlap=overlap)
 
 
 def test_datamodule_checks_the_model(tmp_path):

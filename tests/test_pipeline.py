@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from mmqdiff import pipeline
+from mmqdiff.evaluation import damage_boundaries
 from mmqdiff.report import REQUIRED_KEYS
 
 from .conftest import ROOT
@@ -28,7 +29,8 @@ def test_main_job_writes_report_with_fp_k1_k2(tmp_path, capsys):
             {"name": "W4A8 K=1", "config": str(ROOT / "configs/embedded/calibrate_k1.yaml"),
              "run_dir": str(out / "calib_k1"), "args": CALIB},
             {"name": "W4A8 K=2", "config": str(ROOT / "configs/embedded/calibrate_k4.yaml"),
-             "run_dir": str(out / "calib_k2"), "args": [*CALIB, "--data.init_args.k", "2"]},
+             "run_dir": str(out / "calib_k2"), "args": [*CALIB, "--data.init_args.k", "2"],
+             "boundaries_from": "W4A8 K=1"},
             {"name": "W4A8 K=1, K=2's compute", "config": str(ROOT / "configs/embedded/calibrate_k1.yaml"),
              "run_dir": str(out / "calib_k1_eq"), "equal_compute_to": "W4A8 K=2",
              "args": [*CALIB, "--model.init_args.recon.cali_iters", "4", "--model.init_args.recon.cali_iters_a", "4"]},
@@ -55,6 +57,8 @@ def test_main_job_writes_report_with_fp_k1_k2(tmp_path, capsys):
     assert fp["segments"] is None and fp["psnr_vs_fp"] is None
     assert (k1["segments"], k2["segments"]) == (1, 2) and k1["weight_bits"] == 4 and k1["act_bits"] == 8
     assert k2["model_bytes"] == 2 * k1["model_bytes"] < fp["model_bytes"]
+    cut = damage_boundaries(out / "calib_k1", out / "calib.pt", 2)  # from data, on K=1's calibration trajectories
+    assert k2["segment_steps"] == [[0, cut[0]], [cut[0], 6]]
     assert all(r["fid"] is not None and r["psnr_vs_fp"] > 0 for r in (k1, k2))
     assert len(k1["per_step_mse"]) == 6 and (out / "report/per_step_mse.png").is_file()
     # a rerun finds every artefact and only rewrites the report
@@ -82,6 +86,21 @@ def test_equal_compute_pairs_are_checked(monkeypatch):
     runs[1]["equal_compute_to"] = "K=8"
     with pytest.raises(ValueError, match="'K=8', which is not among"):
         pipeline.check_equal_compute(runs)
+
+
+def test_boundaries_from_an_earlier_run(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(pipeline, "damage_boundaries", lambda run_dir, data, k: calls.append((run_dir, data, k)) or
+                        [3, 9, 20][:k - 1])
+    k4 = {"name": "K=4", "config": str(ROOT / "configs/embedded/calibrate_k4.yaml"), "boundaries_from": "K=1"}
+    runs = [{"name": "K=1", "run_dir": "r1"}, k4]
+    assert pipeline.data_driven_boundaries(k4, runs, "c.pt") == ["--data.init_args.boundaries", "[3, 9, 20]"]
+    assert calls == [("r1", "c.pt", 4)]  # k from the entry's config
+    k4["args"] = ["--data.init_args.k", "2"]
+    assert pipeline.data_driven_boundaries(k4, runs, "c.pt") == ["--data.init_args.boundaries", "[3]"]
+    assert pipeline.data_driven_boundaries(runs[0], runs, "c.pt") == []  # no boundaries_from: the config's cuts
+    with pytest.raises(ValueError, match="boundaries_from names 'K=1', which is not a calibration listed before"):
+        pipeline.data_driven_boundaries(k4, [k4, runs[0]], "c.pt")
 
 
 def test_failed_stage_ends_with_the_childs_own_error(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,6 @@
 import pytest
 
-from mmqdiff.data import segment_of_step, timestep_segments
+from mmqdiff.data import equal_share_boundaries, segment_of_step, timestep_segments
 
 
 def test_equal_split():
@@ -49,3 +49,27 @@ def test_segment_of_step():
 def test_segment_of_step_rejects_non_cover(segs):
     with pytest.raises(ValueError):
         segment_of_step(segs)
+
+
+@pytest.mark.parametrize("weights, k, cuts", [
+    ([1.0] * 100, 4, [25, 50, 75]),                 # uniform weights: the equal split
+    ([4, 1, 1, 1, 1], 2, [1]),                      # step 0 alone holds half the total
+    ([1, 1, 1, 1, 4], 2, [4]),                      # the last step holds half: the first four steps share the rest
+    ([3, 0, 0, 1, 2, 0], 3, [1, 4]),                # running 3,3,3,4,6,6 reaches 2 at step 0 and 4 at step 3
+    ([10, 0, 0, 0, 0, 0], 4, [1, 2, 3]),            # every share is reached at step 0: pushed right, one step each
+    ([0, 0, 0, 0, 0, 10], 3, [4, 5]),               # reached only at the last step: pushed left to leave it one step
+])
+def test_equal_share_boundaries_by_hand(weights, k, cuts):
+    assert equal_share_boundaries(weights, k) == cuts
+    timestep_segments(len(weights), k, cuts)  # valid cut points
+
+
+@pytest.mark.parametrize("weights, k, match", [
+    ([1.0, 2.0], 3, r"k=3 segments need 1 <= k <= 2"),
+    ([0.0, 0.0], 1, "not all zero"),
+    ([1.0, -1.0, 3.0], 2, "non-negative"),
+    ([1.0, float("nan")], 2, "finite"),
+])
+def test_equal_share_boundaries_refuses(weights, k, match):
+    with pytest.raises(ValueError, match=match):
+        equal_share_boundaries(weights, k)

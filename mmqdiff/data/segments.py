@@ -5,6 +5,8 @@ sampling (which picks the model for step i) share one definition and cannot disa
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Sequence
 
 
@@ -52,3 +54,23 @@ def segment_of_step(segments: Sequence[range]) -> list[int]:
     if not out:
         raise ValueError("no segments given")
     return out
+
+
+def equal_share_boundaries(weights: Sequence[float], k: int) -> list[int]:
+    """The K-1 cut points that give each of ``k`` contiguous segments of ``len(weights)`` steps as equal a share of
+    the total weight as whole steps allow: cut j is the first step at which the running sum reaches j/k of the total
+    (then pushed right as needed so that every segment keeps at least one step). With the per-step sample-space
+    damage of a K=1 model as weights (``evaluation.damage_boundaries``), each segment model answers for an equal
+    share of the error the sample sees, instead of an equal number of steps."""
+    n = len(weights)
+    if k < 1 or k > n:
+        raise ValueError(f"k={k} segments need 1 <= k <= {n} (the number of steps)")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError("weights must be finite, non-negative and not all zero")
+    running = list(itertools.accumulate(float(w) for w in weights))
+    cuts: list[int] = []
+    for j in range(1, k):
+        first = next(i + 1 for i, c in enumerate(running) if c >= running[-1] * j / k)  # step after the crossing
+        lowest, highest = (cuts[-1] + 1 if cuts else 1), n - (k - j)  # room for one step per remaining segment
+        cuts.append(min(max(first, lowest), highest))
+    return cuts

@@ -50,7 +50,10 @@ class CalibrationDataModule(LightningDataModule):
         k, boundaries: the segments (``timestep_segments``).
         segment: which segments to serve (an index or a list); None: those of this process under a trainer
             (round-robin over ranks, as ``segment_parallel`` assigns them), all of them otherwise.
-        cali_st, cali_n: the reference selection rule, applied within each segment.
+        cali_st, cali_n: the reference selection rule, applied within each segment's calibration window.
+        overlap: steps by which each segment's calibration window reaches into its neighbours (clipped to the
+            schedule): a segment model also sees pairs from just across its cuts, where sampling hands over to or
+            from it; sampling still switches models at the cuts. 0: the window is the segment (the default).
         image_shape, model_sha256: optional checks against the model (a calibration run passes them through
             :meth:`check_model` instead).
     """
@@ -58,15 +61,17 @@ class CalibrationDataModule(LightningDataModule):
     def __init__(self, path: str, num_steps: int, k: int = 1, segment: int | list[int] | None = None,
                  cali_st: int = 20, cali_n: int = 256, boundaries: list[int] | None = None, skip_type: str = "quad",
                  image_shape: list[int] | None = None, model_sha256: str | None = None,
-                 num_diffusion_timesteps: int = 1000):
+                 num_diffusion_timesteps: int = 1000, overlap: int = 0):
         super().__init__()
+        if not (isinstance(overlap, int) and overlap >= 0):
+            raise ValueError(f"overlap must be an integer number of steps >= 0, got {overlap!r}")
         self.path, self.num_steps, self.k, self.skip_type = path, num_steps, k, skip_type
         self.segments = timestep_segments(num_steps, k, boundaries)
         self.segment = segment
         for s in self._requested():
             if not 0 <= s < k:
                 raise ValueError(f"segment index {s} outside [0, {k - 1}] for k={k}")
-        self.cali_st, self.cali_n = cali_st, cali_n
+        self.cali_st, self.cali_n, self.overlap = cali_st, cali_n, overlap
         self.image_shape, self.model_sha256 = image_shape, model_sha256
         self.num_diffusion_timesteps = num_diffusion_timesteps
         self._file: CalibrationFile | None = None
@@ -115,9 +120,14 @@ class CalibrationDataModule(LightningDataModule):
     def sha256(self) -> str:
         return calibration_sha256(self.path)
 
+    def window(self, segment: int) -> range:
+        """The steps one segment's pairs are selected from: the segment widened by ``overlap`` on each side."""
+        steps = self.segments[segment]
+        return range(max(0, steps.start - self.overlap), min(self.num_steps, steps.stop + self.overlap))
+
     def pairs(self, segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All selected (xs [M, C, H, W], ts [M]) of one segment."""
-        return self._open().select(self.cali_st, self.cali_n, self.segments[segment])
+        return self._open().select(self.cali_st, self.cali_n, self.window(segment))
 
     def setup(self, stage: str | None = None) -> None:
         if not self.selected:
@@ -133,17 +143,19 @@ class CalibrationDataModule(LightningDataModule):
         return batch
 
     def _summary_row(self, segment: int, ts: torch.Tensor) -> dict[str, Any]:
-        steps = self.segments[segment]
-        return {"segment": segment, "steps": (steps[0], steps[-1]), "selected_steps": len(ts) // self.cali_n,
+        steps, window = self.segments[segment], self.window(segment)
+        return {"segment": segment, "steps": (steps[0], steps[-1]), "window": (window[0], window[-1]),
+                "selected_steps": len(ts) // self.cali_n,
                 "t_range": (int(ts.max()), int(ts.min())), "pairs": len(ts)}
 
     @rank_zero_only
     def print_summary(self) -> None:
         table = Table(title=f"calibration data {self.path} (K={self.k}, cali_st={self.cali_st}, "
-                            f"cali_n={self.cali_n})")
-        for col in ("segment", "steps", "selected", "t (high..low)", "pairs"):
+                            f"cali_n={self.cali_n}, overlap={self.overlap})")
+        for col in ("segment", "steps", "window", "selected", "t (high..low)", "pairs"):
             table.add_column(col)
         for r in self.summary:
-            table.add_row(str(r["segment"]), f"{r['steps'][0]}..{r['steps'][1]}", str(r["selected_steps"]),
+            table.add_row(str(r["segment"]), f"{r['steps'][0]}..{r['steps'][1]}",
+                          f"{r['window'][0]}..{r['window'][1]}", str(r["selected_steps"]),
                           f"{r['t_range'][0]}..{r['t_range'][1]}", str(r["pairs"]))
         Console().print(table)

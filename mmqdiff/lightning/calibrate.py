@@ -233,7 +233,8 @@ class SegmentCalibration(LightningModule):
         return {"model_sha256": self.model_sha256, "calibration_sha256": data.sha256, "k": data.k,
                 "segments": [[r.start, r.stop] for r in data.segments], "num_steps": data.num_steps,
                 "skip_type": data.skip_type, "cali_st": data.cali_st, "cali_n": data.cali_n,
-                "quant": asdict(self.quant), "recon": recon, "seed": self.seed, "units": self.units,
+                "overlap": data.overlap, "quant": asdict(self.quant), "recon": recon, "seed": self.seed,
+                "units": self.units,
                 "segment_scale": self.segment_scale, "init_from": self._init_from_entry(with_path=False)}
 
     def _init_from_entry(self, with_path: bool) -> dict[str, Any] | None:
@@ -377,6 +378,7 @@ class SegmentCalibration(LightningModule):
         recon = self.segment_recon(s)
         return {"index": s, "steps": [steps.start, steps.stop], "iters": [recon.cali_iters, recon.cali_iters_a],
                 "t_range": [self.t_of_step[steps.start], self.t_of_step[steps.stop - 1]],
+                "window": [self.data.window(s).start, self.data.window(s).stop],
                 "pairs": len(xs), "calib_t_range": [int(ts.max()), int(ts.min())],
                 **write_segment_files(self.run_dir, s, q, self.quant.quant_act),
                 "wall_seconds": self.stats[s]["wall_seconds"], "peak_mem_bytes": self.stats[s]["peak_mem_bytes"],
@@ -395,7 +397,7 @@ class SegmentCalibration(LightningModule):
                                                   "checkpoint": str(self.checkpoint), "sha256": self.model_sha256,
                                                   "file_sha256": self.model_file_sha256},
                 "calibration": {"path": str(data.path), "sha256": data.sha256, "cali_st": data.cali_st,
-                                "cali_n": data.cali_n, "meta": data.meta},
+                                "cali_n": data.cali_n, "overlap": data.overlap, "meta": data.meta},
                 "wall_seconds": self._elapsed(), "peak_mem_kind": self.peak_mem_kind,
                 "peak_mem_bytes": max(seg["peak_mem_bytes"] for seg in segments),
                 "model_bytes": sum(seg["model_bytes"] for seg in segments),
