@@ -110,6 +110,7 @@ def main() -> None:
     def datamodule(path: Path) -> str:
         dm = CalibrationDataModule(str(path), STEPS, k=2, segment=[0, 1], cali_st=2, cali_n=6, skip_type="quad")
         dm.setup()
+        dm.select()
         return f"segment t ranges {[r['t_range'] for r in dm.summary]}"
 
     flipped = save_calibration(tmp / "ascending.pt", torch.cat([xs[:STEPS].flip(0), xs[STEPS:]]), ts.flip(0))

@@ -148,6 +148,7 @@ def test_segment_scale_gives_each_segment_its_share_of_the_iterations(world, tmp
     m = read_manifest(tmp_path / "scaled")
     assert [seg["iters"] for seg in m["segments"]] == [[4, 3], [2, 1]] and m["segment_scale"] == [1.5, 0.5]
     assert pipeline.calibration_compute(m) == [6, 4]
+    assert module.data.segment_costs == [1.5, 0.5]  # what segment_parallel balances the ranks by
     model = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
     xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(0, 5))
     q = calibrate(model, QuantConfig(), xs, ts, module.segment_recon(0), seed=1234, segment=0)

@@ -172,7 +172,9 @@ def test_datamodule_serves_segment(tmp_path, capsys):
     path = save_calibration(tmp_path / "c.pt", xs, ts, {"model_sha256": "abc", "num_steps": 100, "skip_type": "quad"})
     dm = CalibrationDataModule(str(path), num_steps=100, k=4, segment=1, cali_st=5, cali_n=3, model_sha256="abc",
                                skip_type="quad")
-    dm.setup("fit")
+    dm.setup("fit")  # checks the file; the pairs are selected when the loader is built (or on select())
+    assert dm.selected == {} and "calibration data" not in capsys.readouterr().out
+    dm.select()
     assert "calibration data" in capsys.readouterr().out
     x, t = dm.pairs(1)
     assert torch.equal(x, load_calibration(path, 5, 3, steps=range(25, 50))[0])
@@ -188,10 +190,10 @@ def test_datamodule_serves_segment(tmp_path, capsys):
     assert dm.sha256 == file_sha256(path) and dm.meta == {"model_sha256": "abc", "num_steps": 100,
                                                           "skip_type": "quad"}
     both = CalibrationDataModule(str(path), num_steps=100, k=4, segment=[0, 3], cali_st=5, cali_n=3)
-    both.setup()
+    both.select()
     assert list(both.selected) == [0, 3] and [r["segment"] for r in both.summary] == [0, 3]
     every = CalibrationDataModule(str(path), num_steps=100, k=4, cali_st=5, cali_n=3)  # no trainer: all segments
-    every.setup()
+    every.select()
     assert list(every.selected) == [0, 1, 2, 3]
 
 
@@ -199,7 +201,7 @@ def test_overlap_widens_each_calibration_window_not_the_segments(tmp_path):
     xs, ts = encoded(100)
     path = save_calibration(tmp_path / "c.pt", xs, ts, {"num_steps": 100, "skip_type": "quad"})
     dm = CalibrationDataModule(str(path), num_steps=100, k=4, cali_st=5, cali_n=3, overlap=3)
-    dm.setup()
+    dm.select()
     assert dm.segments == [range(0, 25), range(25, 50), range(50, 75), range(75, 100)]  # sampling's cuts unchanged
     windows = [range(0, 28), range(22, 53), range(47, 78), range(72, 100)]  # clipped at both ends of the schedule
     for s, window in enumerate(windows):
@@ -255,6 +257,7 @@ def datamodule(path, num_steps=10, skip_type="quad", **kw):
     dm = CalibrationDataModule(str(path), num_steps=num_steps, k=2, segment=[0, 1], cali_st=5, cali_n=2,
                                skip_type=skip_type, **kw)
     dm.setup()
+    dm.select()
     return dm
 
 

@@ -1,6 +1,7 @@
 import pytest
 
 from mmqdiff.data import equal_share_boundaries, segment_of_step, timestep_segments
+from mmqdiff.lightning.strategy import segments_of_rank
 
 
 def test_equal_split():
@@ -73,3 +74,19 @@ def test_equal_share_boundaries_by_hand(weights, k, cuts):
 def test_equal_share_boundaries_refuses(weights, k, match):
     with pytest.raises(ValueError, match=match):
         equal_share_boundaries(weights, k)
+
+
+@pytest.mark.parametrize("k, world, costs, expected", [
+    (4, 2, None, [[0, 2], [1, 3]]),                               # equal costs: round-robin
+    (5, 2, [1.0] * 5, [[0, 2, 4], [1, 3]]),
+    (4, 2, [2, 1, 0.5, 0.5], [[0], [1, 2, 3]]),                   # 2 and 2 instead of round-robin's 2.5 and 1.5
+    (4, 3, [0.5, 0.5, 1, 2], [[3], [2], [0, 1]]),                 # costliest first, each to the least-loaded rank
+    (3, 4, None, [[0], [1], [2], []]),                            # more ranks than segments: one idles
+])
+def test_segments_of_rank_balances_the_costs(k, world, costs, expected):
+    assert [segments_of_rank(k, r, world, costs) for r in range(world)] == expected
+
+
+def test_segments_of_rank_needs_one_cost_per_segment():
+    with pytest.raises(ValueError, match="3 segment costs for k=4 segments"):
+        segments_of_rank(4, 0, 2, [1, 1, 1])

@@ -49,7 +49,7 @@ class CalibrationDataModule(LightningDataModule):
             ``timesteps(num_steps, skip_type, num_diffusion_timesteps)`` (``CalibrationFile.check_schedule``).
         k, boundaries: the segments (``timestep_segments``).
         segment: which segments to serve (an index or a list); None: those of this process under a trainer
-            (round-robin over ranks, as ``segment_parallel`` assigns them), all of them otherwise.
+            (``segments_of_rank``, balanced by :attr:`segment_costs`), all of them otherwise.
         cali_st, cali_n: the reference selection rule, applied within each segment's calibration window.
         overlap: steps by which each segment's calibration window reaches into its neighbours (clipped to the
             schedule): a segment model also sees pairs from just across its cuts, where sampling hands over to or
@@ -75,8 +75,11 @@ class CalibrationDataModule(LightningDataModule):
         self.image_shape, self.model_sha256 = image_shape, model_sha256
         self.num_diffusion_timesteps = num_diffusion_timesteps
         self._file: CalibrationFile | None = None
-        self.selected: Pairs = {}  # served segment -> (xs, ts), filled by setup
-        self.summary: list[dict[str, Any]] = []  # per served segment, filled by setup
+        # relative calibration cost per segment (the calibration module's segment_scale), so that the ranks of a
+        # segment_parallel run get equal work; set before the pairs are selected
+        self.segment_costs: list[float] | None = None
+        self.selected: Pairs = {}  # served segment -> (xs, ts), filled by select
+        self.summary: list[dict[str, Any]] = []  # per served segment, filled by select
 
     def _requested(self) -> list[int]:
         return [] if self.segment is None else [self.segment] if isinstance(self.segment, int) else list(self.segment)
@@ -88,7 +91,7 @@ class CalibrationDataModule(LightningDataModule):
             return self._requested()
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return segments_of_rank(self.k, rank, world)
+        return segments_of_rank(self.k, rank, world, self.segment_costs)
 
     def _open(self) -> CalibrationFile:
         if self._file is None:
@@ -130,13 +133,20 @@ class CalibrationDataModule(LightningDataModule):
         return self._open().select(self.cali_st, self.cali_n, self.window(segment))
 
     def setup(self, stage: str | None = None) -> None:
+        """Opens and checks the file, so that a bad file fails before any work."""
+        self._open()
+
+    def select(self) -> Pairs:
+        """The pairs of the served segments, selected once. Under a trainer this happens when the loader is built,
+        after every setup hook: the calibration module's setup sets :attr:`segment_costs` first."""
         if not self.selected:
             self.selected = {s: self.pairs(s) for s in self.segment_ids}
             self.summary = [self._summary_row(s, ts) for s, (_, ts) in self.selected.items()]
             self.print_summary()
+        return self.selected
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(SegmentPairsStream(self.selected), batch_size=None)
+        return DataLoader(SegmentPairsStream(self.select()), batch_size=None)
 
     def transfer_batch_to_device(self, batch: Pairs, device: torch.device, dataloader_idx: int) -> Pairs:
         """The pairs stay in host memory; the engine moves each caching batch to the device (as the reference)."""

@@ -206,10 +206,11 @@ class SegmentCalibration(LightningModule):
                              f"data.init_args.num_diffusion_timesteps is {data.num_diffusion_timesteps}")
         seq = timesteps(data.num_steps, data.skip_type, model_timesteps)
         self.t_of_step = list(reversed(seq))
-        self.my_segments = data.segment_ids
         if self.segment_scale is not None and len(self.segment_scale) != data.k:
             raise ValueError(f"model.init_args.segment_scale has {len(self.segment_scale)} factors for "
                              f"k={data.k} segments")
+        data.segment_costs = self.segment_scale  # the ranks get equal work (segments_of_rank)
+        self.my_segments = data.segment_ids
         self.warm_record, init_state = (None, None) if self.init_from is None else \
             warm_start_state(self.init_from, self.model_sha256, asdict(self.quant))
         for s in self.my_segments:  # segments are never empty (timestep_segments), nor their selection

@@ -8,7 +8,7 @@ launcher Lightning supports (torchrun, SLURM), the run folder on a shared filesy
 """
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
@@ -30,10 +30,20 @@ class SegmentParallelStrategy(DDPStrategy):
         return {"num_replicas": 1, "rank": 0}
 
 
-def segments_of_rank(k: int, rank: int, world_size: int) -> list[int]:
-    """Round-robin assignment: rank r calibrates segments r, r + N, r + 2N, ... (a pure function of (k, r, N), so a
-    resumed run may use a different N)."""
-    return list(range(rank, k, world_size))
+def segments_of_rank(k: int, rank: int, world_size: int, costs: Sequence[float] | None = None) -> list[int]:
+    """The segments rank r calibrates, balancing the ranks' work: segments in order of decreasing cost (then index),
+    each to the rank with the least cost so far (then the lowest rank). With equal costs (the default) that is
+    round-robin, rank r getting r, r + N, r + 2N, ...; with a front-loaded ``segment_scale`` [2, 1, 0.5, 0.5] on two
+    ranks it is {0} and {1, 2, 3} (2 and 2) instead of {0, 2} and {1, 3} (2.5 and 1.5). A pure function of its
+    arguments, so a resumed run may use a different N."""
+    costs = [1.0] * k if costs is None else [float(c) for c in costs]
+    if len(costs) != k:
+        raise ValueError(f"{len(costs)} segment costs for k={k} segments")
+    load, owner = [0.0] * world_size, {}
+    for s in sorted(range(k), key=lambda s: (-costs[s], s)):
+        owner[s] = min(range(world_size), key=lambda r: (load[r], r))
+        load[owner[s]] += costs[s]
+    return [s for s in range(k) if owner[s] == rank]
 
 
 def gather_to_zero(obj: T) -> list[T] | None:
