@@ -15,26 +15,18 @@ import argparse
 
 import torch
 
-from mmqdiff.data import CalibrationFile, segment_of_step
-from mmqdiff.diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint, timesteps
-from mmqdiff.manifest import load_segment_models, read_manifest
+from mmqdiff.evaluation import load_run
 
 
 @torch.no_grad()
-def decompose(run_dir: str, calib: CalibrationFile, trajectories: torch.Tensor) -> dict[str, float | list[float]]:
-    manifest = read_manifest(run_dir)
-    fp = build_model(manifest["fp_model"]["config_dict"])
-    load_checkpoint(fp, manifest["fp_model"]["checkpoint"]).eval()
-    segments, models = load_segment_models(run_dir, fp)
-    step_segment = segment_of_step(segments)
-    betas = betas_from_config(manifest["fp_model"]["config_dict"])
-    sens = eps_sensitivity(timesteps(manifest["num_steps"], manifest["skip_type"], len(betas)), betas)
+def decompose(run_dir: str, calibration: str, trajectories: torch.Tensor) -> dict[str, float | list[float]]:
+    calib, fp, model_for_step, sens = load_run(run_dir, calibration)
     total = shared = 0.0
     coherent = torch.zeros((), dtype=torch.float64)
     quarters = [[0.0, 0.0] for _ in range(4)]
     for i in range(calib.num_steps):
         x, t = (v[trajectories].float() for v in calib.at_step(i))
-        d = (models[step_segment[i]](x, t) - fp(x, t)).double()
+        d = (model_for_step(i)(x, t) - fp(x, t)).double()
         b = d.mean(0)
         mse, bias = float(d.square().mean()), float(b.square().mean())
         total, shared, coherent = total + sens[i] ** 2 * mse, shared + sens[i] ** 2 * bias, coherent + sens[i] * b
@@ -52,7 +44,6 @@ def main() -> None:
                     help="held-out trajectories (beyond every run's cali_n)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    calib = CalibrationFile(args.calibration)
     idx = torch.arange(*args.trajectories)
     print(f"{len(idx)} held-out trajectories of {args.calibration}; s_i = eps_sensitivity, b_i = error mean over "
           "samples\n")
@@ -60,7 +51,7 @@ def main() -> None:
           "per quarter (noisy to clean) |")
     print("|---|---|---|---|---|---|")
     for run in args.runs:
-        r = decompose(run, calib, idx)
+        r = decompose(run, args.calibration, idx)
         print(f"| {run} | {r['x_mse']:.3e} | {r['systematic']:.3e} | {r['systematic'] / r['x_mse']:.0%} | "
               f"{r['coherent']:.3e} | " + " / ".join(f"{v:.0%}" for v in r["systematic_share_by_quarter"]) + " |",
               flush=True)

@@ -61,10 +61,11 @@ def quarter_means(per_step: Sequence[float]) -> list[float]:
     return [sum(per_step[a:b]) / max(b - a, 1) for a, b in zip(edges, edges[1:])]
 
 
-def _run_step_error(run_dir: str | Path, calibration: str | Path, trajectories: Sequence[int],
-                    threads: int | None) -> tuple[list[float], list[float]]:
-    """(per-step error against FP on ``trajectories``, per-step ``eps_sensitivity``) of a finished calibration run's
-    K segment models, rebuilt from their packed exports as the sampler uses them."""
+def load_run(run_dir: str | Path, calibration: str | Path) -> tuple[CalibrationFile, nn.Module,
+                                                                     Callable[[int], nn.Module], list[float]]:
+    """(the calibration file, checked against the run's schedule; the FP model; step index -> that step's segment
+    model, rebuilt from its packed export as the sampler uses it; per-step ``eps_sensitivity``) of a finished
+    calibration run."""
     manifest = read_manifest(run_dir)
     calib = CalibrationFile(calibration)
     if calib.num_steps != manifest["num_steps"]:
@@ -78,13 +79,20 @@ def _run_step_error(run_dir: str | Path, calibration: str | Path, trajectories: 
     load_checkpoint(fp, manifest["fp_model"]["checkpoint"]).eval()
     segments, models = load_segment_models(run_dir, fp)
     step_segment = segment_of_step(segments)
+    return calib, fp, lambda i: models[step_segment[i]], eps_sensitivity(seq, betas)
+
+
+def _run_step_error(run_dir: str | Path, calibration: str | Path, trajectories: Sequence[int],
+                    threads: int | None) -> tuple[list[float], list[float]]:
+    """(per-step error against FP on ``trajectories``, per-step ``eps_sensitivity``) of a finished run."""
+    calib, fp, model_for_step, sensitivity = load_run(run_dir, calibration)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        per_step = heldout_step_error(lambda i: models[step_segment[i]], fp, calib, trajectories)
+        per_step = heldout_step_error(model_for_step, fp, calib, trajectories)
     finally:
         torch.set_num_threads(previous)
-    return per_step, eps_sensitivity(seq, betas)
+    return per_step, sensitivity
 
 
 def heldout_error_of_run(run_dir: str | Path, calibration: str | Path, trajectories: Sequence[int],

@@ -376,10 +376,11 @@ class SegmentCalibration(LightningModule):
 
     def _write_segment(self, s: int) -> dict[str, Any]:
         q, steps, (xs, ts) = self.nets.segments[s].qmodel, self.data.segments[s], self.data.selected[s]
+        window = self.data.window(s)
         recon = self.segment_recon(s)
         return {"index": s, "steps": [steps.start, steps.stop], "iters": [recon.cali_iters, recon.cali_iters_a],
                 "t_range": [self.t_of_step[steps.start], self.t_of_step[steps.stop - 1]],
-                "window": [self.data.window(s).start, self.data.window(s).stop],
+                "window": [window.start, window.stop],
                 "pairs": len(xs), "calib_t_range": [int(ts.max()), int(ts.min())],
                 **write_segment_files(self.run_dir, s, q, self.quant.quant_act),
                 "wall_seconds": self.stats[s]["wall_seconds"], "peak_mem_bytes": self.stats[s]["peak_mem_bytes"],
