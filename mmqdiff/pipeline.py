@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
     out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "main_config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    report_dir = Path(cfg.get("report_dir", out / "report"))
+    report_dir.mkdir(parents=True, exist_ok=True)  # the config beside its report: configs may share an output_dir
+    atomic_write_text(report_dir / "pipeline_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -242,7 +243,6 @@ def main(argv: list[str] | None = None) -> Path:
             metrics.update(heldout(run, cfg, run_out, timings))
         runs.append(run_entry(run["name"], metrics, read_manifest(run["run_dir"]), sampling["model_config"], run_out))
 
-    report_dir = Path(cfg.get("report_dir", out / "report"))
     report = write_report(runs, report_dir, console=console)
     timings["total"] = time.perf_counter() - start
     (report_dir / "timings.json").write_text(json.dumps(timings, indent=1))

@@ -100,6 +100,36 @@ def metric_bars_plot(runs: Sequence[Mapping[str, Any]], path: str | Path,
     return save_figure(metric_bars_figure(runs, colors=colors), path)
 
 
+def seed_comparison_figure(arms: Mapping[str, Mapping[int, Mapping[str, Any]]],
+                           metrics: Sequence[tuple[str, str]], baseline: Mapping[str, Any] | None = None, *,
+                           size: tuple[int, int] = (1200, 420)) -> Figure:
+    """One panel per ``(key, label)`` metric: each arm's value for every calibration seed, a seed's points joined
+    across arms (the comparison is paired by seed), and each arm's mean as a black bar; ``baseline`` (the FP run)
+    as a dashed line where it has the metric."""
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    names = list(arms)
+    seeds = sorted({s for runs in arms.values() for s in runs})
+    seed_colors = {s: COLORS[k % len(COLORS)] for k, s in enumerate(seeds)}
+    for i, (key, label) in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        for seed in seeds:
+            xs = [x for x, name in enumerate(names) if seed in arms[name]]
+            ax.plot(xs, [_number(arms[names[x]][seed].get(key)) for x in xs], marker="o", markersize=4,
+                    linewidth=0.8, alpha=0.8, color=seed_colors[seed], label=f"seed {seed}")
+        for x, name in enumerate(names):
+            values = [_number(r.get(key)) for r in arms[name].values()]
+            ax.hlines(sum(values) / len(values), x - 0.25, x + 0.25, color="black", linewidth=2.5)
+        if baseline is not None and not math.isnan(_number(baseline.get(key))):
+            ax.axhline(_number(baseline[key]), color="grey", linestyle="--", linewidth=1,
+                       label=str(baseline.get("name", "baseline")))
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize="small")
+        ax.set_xlim(-0.5, len(names) - 0.5)
+        ax.set_title(label, fontsize="medium")
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.axes[0].legend(fontsize="x-small")
+    return fig
+
+
 def save_sample_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
     """A PNG grid of uint8 [N, 3, H, W] (or float [-1, 1]) samples; ``nrow`` defaults to a square-ish grid."""
     x = images.float() / 255 if images.dtype == torch.uint8 else (images.float().clamp(-1, 1) + 1) / 2

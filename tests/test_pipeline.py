@@ -61,6 +61,7 @@ def test_main_job_writes_report_with_fp_k1_k2(tmp_path, capsys):
     assert k2["segment_steps"] == [[0, cut[0]], [cut[0], 6]]
     assert all(r["fid"] is not None and r["psnr_vs_fp"] > 0 for r in (k1, k2))
     assert len(k1["per_step_mse"]) == 6 and (out / "report/per_step_mse.png").is_file()
+    assert yaml.safe_load((out / "report/pipeline_config.yaml").read_text()) == cfg  # the config beside its report
     # a rerun finds every artefact and only rewrites the report
     before = (out / "samples_calib_k2/metrics.json").stat().st_mtime_ns
     pipeline.main(["--config", str(tmp_path / "main.yaml")])
