@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -179,10 +180,6 @@ class OneDNNKernel(nn.Module):
             window_sum = F.conv2d(window_sum, self.window, None, self.conv_args["stride"], self.conv_args["padding"])
         return y.addcmul_(window_sum, self.offset_scale)
 
-    def nbytes(self) -> int:
-        """Resident bytes: the packed weight plus scales, bias and the activation step."""
-        return self.code_nbytes + sum(b.numel() * b.element_size() for b in self.buffers())
-
 
 class IntMMKernel(nn.Module):
     """One quantized conv/linear as ``torch._int_mm`` (int8 x int8 -> int32) on im2col patches of the int8 codes
@@ -239,10 +236,6 @@ class IntMMKernel(nn.Module):
     @property
     def code_nbytes(self) -> int:
         return self.weight.numel()
-
-    def nbytes(self) -> int:
-        """Resident bytes: the int8 weight matrix plus corrections, scales, bias and the activation step."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
 
 def kernel_class(backend: str, conv: bool) -> type[OneDNNKernel] | type[IntMMKernel]:
@@ -428,17 +421,44 @@ class IntegerUNet(nn.Module):
     def kernels(self) -> list[OneDNNKernel | IntMMKernel]:
         return [m for m in self.modules() if isinstance(m, (OneDNNKernel, IntMMKernel))]
 
-    def weight_nbytes(self) -> int:
-        """Resident bytes of the quantized layers: int8 codes plus per-channel scales, offsets, biases and the
-        activation steps."""
-        return sum(k.nbytes() for k in self.kernels())
-
     def resident_nbytes(self) -> int:
-        """All resident bytes: the quantized layers plus the fp32 tensors that stay (GroupNorm, attention
-        quantizer steps)."""
-        inside = {id(t) for k in self.kernels() for t in k.buffers()}
-        rest = [t for t in [*self.parameters(), *self.buffers()] if id(t) not in inside]
-        return self.weight_nbytes() + sum(t.numel() * t.element_size() for t in rest)
+        """All resident bytes of this model (:func:`resident_nbytes`)."""
+        return resident_nbytes([self])
+
+
+def resident_nbytes(models: Sequence[IntegerUNet]) -> int:
+    """Resident bytes of integer models held together: onednn's packed weights (blocked layout, with its padding and
+    compensation) plus every tensor they keep (int8 ``_int_mm`` weights, per-channel scales, biases, GroupNorm
+    affines, activation steps), a tensor that several models share (:func:`share_constants`) counted once."""
+    seen: set[int] = set()
+    total = 0
+    for model in models:
+        total += sum(k.code_nbytes for k in model.kernels() if isinstance(k, OneDNNKernel))
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def share_constants(models: Sequence[IntegerUNet]) -> None:
+    """Point the models' equal floating-point tensors at one copy. Calibration learns only the rounding of the
+    weight codes and the activation steps, so the K segment models of a run hold equal biases, weight scales and
+    GroupNorm affines: K copies of them would be resident for nothing. Integer codes are never shared (each
+    segment's own), and nothing writes to the shared tensors (the runtime is inference only)."""
+    kept: dict[tuple, list[torch.Tensor]] = {}
+    for model in models:
+        for module in model.modules():
+            for kind, store in (("parameter", module._parameters), ("buffer", module._buffers)):
+                for name, t in store.items():
+                    if t is None or not t.is_floating_point():
+                        continue
+                    candidates = kept.setdefault((kind, t.dtype, t.device, t.shape, t.stride()), [])
+                    same = next((u for u in candidates if u is t or torch.equal(u, t)), None)
+                    if same is None:
+                        candidates.append(t)
+                    else:
+                        store[name] = same
 
 
 def to_integer(qmodel: QuantizedUNet, backend: str | None = None) -> IntegerUNet:
