@@ -81,10 +81,11 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
     for name, config in CONFIGS.items():
         fakes = quantized_copies(fp, 4, config, x_T[:16])
         ints = [to_integer(q) for q in fakes]
+        separate = resident_nbytes(ints)
         share_constants(ints)  # as the sampler does
         runs = {"FP": [fp], f"{name} fake K=1": fakes[:1], f"{name} fake K=4": fakes, f"{name} int K=1": ints[:1],
                 f"{name} int K=4": ints}
-        for threads in args.threads:
+        for threads in [] if args.bytes_only else args.threads:
             torch.set_num_threads(threads)
             best = time_runs(runs, x_T, steps, args.repeats, CLOCKS[args.clock])
             for run, sec in best.items():
@@ -99,7 +100,8 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
             resident = resident_nbytes(ints)
             bytes_line = (f"{label}: FP parameters {fp_bytes:,} B (conv/linear weights {fp_weights:,} B); "
                           f"K=4 W4A8 integer runtime: int8 weight codes {codes:,} B ({codes / fp_weights:.3f}x FP "
-                          f"weights), all resident tensors {resident:,} B ({resident / fp_bytes:.3f}x FP parameters)")
+                          f"weights), all resident tensors {resident:,} B ({resident / fp_bytes:.4f}x FP parameters; "
+                          f"{separate / fp_bytes:.4f}x without share_constants)")
         del fakes, ints
     print(f"\n{bytes_line}\n", flush=True)
 
@@ -119,6 +121,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["embedded", "cifar10"])
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="cpu: CPU seconds instead of wall time, steadier on a machine other jobs load")
+    ap.add_argument("--bytes-only", action="store_true", help="only the resident bytes, no timing")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.allocator)")
     args = ap.parse_args()
