@@ -134,12 +134,29 @@ def weight_codes(q: UniformAffineQuantizer, w: torch.Tensor) -> tuple[torch.Tens
     return w8, q.delta.detach().reshape(-1).float().clone(), offset
 
 
+def channel_sum(u: torch.Tensor) -> torch.Tensor:
+    """Sum over channels of uint8 codes [B, C, ...] as fp32 [B, 1, ...] (exact: integers below 2^24). Summed as
+    rows of the channels-last layout the codes arrive in, several times faster than ``sum(1)`` over that layout."""
+    rows = u.movedim(1, -1).reshape(-1, u.shape[1]).float().sum(1)
+    return rows.view((u.shape[0],) + tuple(u.shape[2:])).unsqueeze(1)
+
+
+def box_sum(s: torch.Tensor, kernel_size: tuple[int, ...], stride: list[int], padding: list[int]) -> torch.Tensor:
+    """Sums of [B, 1, H, W] over each conv window (zero padding), as shifted adds along each axis in turn: a
+    1-channel ``conv2d`` with a ones kernel gives the same integers (exact below 2^24) several times slower."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    s = F.pad(s, (pw, pw, ph, ph))
+    ho, wo = (s.shape[2] - kh) // sh + 1, (s.shape[3] - kw) // sw + 1
+    rows = sum(s[:, :, i:i + sh * (ho - 1) + 1:sh] for i in range(kh))
+    return sum(rows[:, :, :, j:j + sw * (wo - 1) + 1:sw] for j in range(kw))
+
+
 class OneDNNKernel(nn.Module):
     """One quantized conv/linear through PyTorch's x86 onednn ops: uint8 codes in, fp32 out (bias and per-channel
     rescale inside the kernel); weights prepacked once. Conv outputs are channels-last (onednn's choice).
 
     Channels with a weight offset get ``offset * x_delta * w_delta * S`` added, where ``S`` is the window sum of
-    ``u - zero_point``: a channel sum of the uint8 codes (exact in fp32 below 2^24) box-filtered by a ones kernel."""
+    ``u - zero_point``: a channel sum of the uint8 codes (exact in fp32 below 2^24) summed over each window."""
 
     def __init__(self, codes: ActivationCodes, w8: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                  bias: torch.Tensor | None, conv_args: dict | None):
@@ -152,7 +169,7 @@ class OneDNNKernel(nn.Module):
         if self.offset_used:
             self.register_buffer("offset_scale", (scale * offset.float() * codes.scale).reshape(
                 (1, -1) + (1,) * (w8.dim() - 2)))
-            self.register_buffer("window", torch.ones((1, 1) + tuple(w8.shape[2:])) if conv_args else None)
+            self.kernel_size = tuple(w8.shape[2:])
         if conv_args is None:
             self.packed = torch.ops.onednn.qlinear_prepack(w8, None)
         else:
@@ -175,9 +192,9 @@ class OneDNNKernel(nn.Module):
                                                  1.0, 0, torch.float32, "none", [], "")
         if not self.offset_used:
             return y
-        window_sum = u.sum(1, keepdim=True, dtype=torch.float32).sub_(self.in_channels * c.zero_point)
+        window_sum = channel_sum(u).sub_(self.in_channels * c.zero_point)
         if self.conv_args is not None:
-            window_sum = F.conv2d(window_sum, self.window, None, self.conv_args["stride"], self.conv_args["padding"])
+            window_sum = box_sum(window_sum, self.kernel_size, self.conv_args["stride"], self.conv_args["padding"])
         return y.addcmul_(window_sum, self.offset_scale)
 
 
