@@ -5,6 +5,7 @@ full-size CIFAR-10 blocks (random weights and inputs: cost does not depend on va
     .venv/bin/python benchmarks/bench_calibration.py [--threads 2] [--batch 32] [--iters 30]
         [--segment-iters 160 50] [--cifar-units up.0.block.0 down.1.block.0] [--append benchmarks/RESULTS.md]
     .venv/bin/python benchmarks/bench_calibration.py --threads 1 --convergence outputs/convergence/runs.jsonl
+    .venv/bin/python benchmarks/bench_calibration.py --threads 1 --autocast none bfloat16
 
 The second form times the reconstruction schedules of a convergence sweep (bench_convergence.py) side by side and
 reports each one's wall time to the reference schedule's converged held-out error.
@@ -60,40 +61,51 @@ def timed(device: torch.device, fn):
     return time.perf_counter() - start, out
 
 
-def unit_rows(label: str, fp, xs, ts, names: list[str], batch: int, iters: int, device: torch.device) -> list[str]:
+def unit_rows(label: str, fp, xs, ts, names: list[str], batch: int, iters: int, device: torch.device,
+              autocasts: list[str]) -> list[str]:
     """Per unit: caching (weight phase: FP targets + quantized-network inputs), then seconds per weight-phase and
-    activation-phase iteration (after a short warm-up)."""
+    activation-phase iteration (after a short warm-up), for each ``recon.autocast`` mode in turn, with the time of
+    both phases relative to the first mode."""
     q = quantize_model(fp, QuantConfig()).to(device).eval()
     init_act_quantizers(q, xs, ts, samples=min(8, len(xs)), generator=torch.Generator().manual_seed(0))
     q.set_quant_state(True, False)
     rows = []
     for name in names:
         unit = q.model.get_submodule(name)
-        g = torch.Generator().manual_seed(0)
-        reset_peak(device)
-        cache_s, cache = timed(device, lambda: cache_unit_io(q, fp, name, xs, ts, asym=True))
-        reconstruct_weights(unit, cache, iters=3, batch_size=batch, generator=g)  # warm-up
-        w_s, _ = timed(device, lambda: reconstruct_weights(unit, cache, iters=iters, batch_size=batch, generator=g))
-        a_s, _ = timed(device, lambda: reconstruct_activations(unit, cache, iters=iters, batch_size=batch,
-                                                               generator=g))
-        rows.append(f"| {label} | {name} | {batch} | {1e3 * w_s / iters:.1f} | {1e3 * a_s / iters:.1f} | "
-                    f"{1e3 * cache_s / len(xs):.2f} | {cache.nbytes / 2 ** 20:.1f} | {peak_mib(device):.0f} |")
-        print(rows[-1], flush=True)
+        first = None
+        for mode in autocasts:
+            g = torch.Generator().manual_seed(0)
+            reset_peak(device)
+            cache_s, cache = timed(device, lambda: cache_unit_io(q, fp, name, xs, ts, asym=True))
+            reconstruct_weights(unit, cache, iters=3, batch_size=batch, generator=g, autocast=mode)  # warm-up
+            w_s, _ = timed(device, lambda: reconstruct_weights(unit, cache, iters=iters, batch_size=batch, generator=g,
+                                                               autocast=mode))
+            a_s, _ = timed(device, lambda: reconstruct_activations(unit, cache, iters=iters, batch_size=batch,
+                                                                   generator=g, autocast=mode))
+            first = first or w_s + a_s
+            rows.append(f"| {label} | {name} | {mode} | {batch} | {1e3 * w_s / iters:.1f} | {1e3 * a_s / iters:.1f} | "
+                        f"{(w_s + a_s) / first:.2f}x | {1e3 * cache_s / len(xs):.2f} | {cache.nbytes / 2 ** 20:.1f} | "
+                        f"{peak_mib(device):.0f} |")
+            print(rows[-1], flush=True)
     return rows
 
 
-def segment_row(label: str, fp, xs, ts, iters: tuple[int, int], batch: int, device: torch.device) -> str:
-    """One whole segment (every unit, both phases, caching included) at the given iterations."""
-    q = quantize_model(fp, QuantConfig()).to(device).eval()
-    settings = ReconSettings(cali_iters=iters[0], cali_iters_a=iters[1], batch_size=batch)
-    reset_peak(device)
-    items = work_items(len(q.units()), True)
-    seconds, _ = timed(device, lambda: [calibrate_item(q, fp, xs, ts, u, p, settings, item_seed(0, 0, u, p))
-                                     for u, p in items])
-    row = (f"| {label} segment, {len(xs)} pairs, {len(q.units())} units, {iters[0]}/{iters[1]} iters | {batch} | "
-           f"{seconds:.1f} | {peak_mib(device):.0f} |")
-    print(row, flush=True)
-    return row
+def segment_rows(label: str, fp, xs, ts, iters: tuple[int, int], batch: int, device: torch.device,
+                 autocasts: list[str]) -> list[str]:
+    """One whole segment (every unit, both phases, caching included) at the given iterations, per autocast mode."""
+    rows, first = [], None
+    for mode in autocasts:
+        q = quantize_model(fp, QuantConfig()).to(device).eval()
+        settings = ReconSettings(cali_iters=iters[0], cali_iters_a=iters[1], batch_size=batch, autocast=mode)
+        reset_peak(device)
+        items = work_items(len(q.units()), True)
+        seconds, _ = timed(device, lambda: [calibrate_item(q, fp, xs, ts, u, p, settings, item_seed(0, 0, u, p))
+                                         for u, p in items])
+        first = first or seconds
+        rows.append(f"| {label} segment, {len(xs)} pairs, {len(q.units())} units, {iters[0]}/{iters[1]} iters | "
+                    f"{mode} | {batch} | {seconds:.1f} | {seconds / first:.2f}x | {peak_mib(device):.0f} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def schedule_seconds(fp, xs, ts, lr_w: float, budgets: tuple[int, int], act_ratio: float, repeats: int,
@@ -175,6 +187,8 @@ def main() -> list[str]:
     ap.add_argument("--convergence", type=Path, help="bench_convergence.py results: also time each schedule to the "
                     "reference's converged held-out error (and skip the per-unit tables)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--autocast", nargs="+", default=["none"], choices=["none", "bfloat16"],
+                    help="recon.autocast modes, timed one after the other per unit and segment (ratios to the first)")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.allocator)")
     args = ap.parse_args()
@@ -184,11 +198,11 @@ def main() -> list[str]:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     header = (f"Device: {device} ({name}), {torch.get_num_threads()} torch threads, batch {args.batch}, "
-              f"torch {torch.__version__}, float32 eager, malloc: {malloc}; load average at start {load:.1f}.")
+              f"torch {torch.__version__}, eager (float32 unless autocast), malloc: {malloc}; load average at start {load:.1f}.")
     print(header, flush=True)
     lines = ["", "## Calibration: reconstruction cost (bench_calibration.py)", header, "",
-             "| model | unit | batch | ms/iter weight | ms/iter act | ms/sample caching | cache MiB | peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | unit | autocast | batch | ms/iter weight | ms/iter act | time vs first | ms/sample caching | "
+             "cache MiB | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines[-2:]), flush=True)
     fp = load_checkpoint(build_model("configs/embedded.yaml"), "checkpoints/embedded_unet.pt").to(device).eval()
     xs, ts, source = embedded_data(fp, k=1)
@@ -200,19 +214,20 @@ def main() -> list[str]:
                 f.write("\n".join(lines) + "\n")
         return lines
     lines += unit_rows(f"embedded ({source})", fp, xs, ts, ["down.0.block.0", "up.1.attn.0", "up.0.block.0"],
-                       args.batch, args.iters, device)
+                       args.batch, args.iters, device, args.autocast)
     cifar = build_model("configs/cifar10.yaml").to(device).eval()
     g = torch.Generator().manual_seed(0)
     n = max(args.cifar_samples, args.cifar_segment[0] if args.cifar_segment else 0)
     cx, ct = torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 800, (n,), generator=g).float()
     lines += unit_rows("cifar10 (random)", cifar, cx[:args.cifar_samples], ct[:args.cifar_samples], args.cifar_units,
-                       args.batch, args.iters, device)
-    lines += ["", "| whole segment | batch | seconds | peak MiB |", "|---|---|---|---|"]
+                       args.batch, args.iters, device, args.autocast)
+    lines += ["", "| whole segment | autocast | batch | seconds | time vs first | peak MiB |", "|---|---|---|---|---|---|"]
     print("\n".join(lines[-2:]), flush=True)
-    lines.append(segment_row("embedded", fp, xs, ts, tuple(args.segment_iters), args.batch, device))
+    lines += segment_rows("embedded", fp, xs, ts, tuple(args.segment_iters), args.batch, device, args.autocast)
     if args.cifar_segment:
         pairs, w, a = args.cifar_segment
-        lines.append(segment_row("cifar10 (random)", cifar, cx[:pairs], ct[:pairs], (w, a), args.batch, device))
+        lines += segment_rows("cifar10 (random)", cifar, cx[:pairs], ct[:pairs], (w, a), args.batch, device,
+                              args.autocast)
     if args.append:
         with open(args.append, "a") as f:
             f.write("\n".join(lines) + "\n")

@@ -116,7 +116,7 @@ def main() -> None:
                "segment_scale": args.segment_scale,
                "init_from": None if base is None else {**base, "warm": asdict(warm)},
                "compute": compute(settings, args.k, args.segment_scale, base),
-               "seconds": seconds, "threads": args.threads, "heldout_mse": sum(err) / len(err),
+               "seconds": seconds, "threads": args.threads, "seed": args.seed, "heldout_mse": sum(err) / len(err),
                "heldout_x_mse": sample_space_error(err, sensitivity),
                "quarters": quarter_means(err), "per_step": err}
         with args.out.open("a") as f:

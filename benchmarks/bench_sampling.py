@@ -27,7 +27,7 @@ import torch
 from mmqdiff.allocator import keep_freed_memory
 from mmqdiff.data import segment_of_step, timestep_segments
 from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_checkpoint, segment_switch, timesteps
-from mmqdiff.quant import QuantConfig, quantize_model, set_rounding, to_integer
+from mmqdiff.quant import QuantConfig, quantize_model, resident_nbytes, set_rounding, share_constants, to_integer
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: CPU seconds of this process (all threads)
@@ -36,12 +36,13 @@ CONFIGS = {"W4A8": QuantConfig(weight_bits=4), "W8A8": QuantConfig(weight_bits=8
 
 
 def quantized_copies(fp: torch.nn.Module, k: int, config: QuantConfig, calib: torch.Tensor) -> list[torch.nn.Module]:
+    """K quantized models with activation ranges from different timesteps, as K segments have."""
     models = []
-    for _ in range(k):
+    for i in range(k):
         q = quantize_model(fp, config).eval()
         q.set_quant_state(True, True)
         with torch.no_grad():
-            q(calib, torch.full((calib.shape[0],), 500.0, device=calib.device))  # activation init
+            q(calib, torch.full((calib.shape[0],), 125.0 + 250.0 * i, device=calib.device))  # activation init
         set_rounding(q, "hard")
         q.freeze()
         models.append(q)
@@ -80,9 +81,11 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
     for name, config in CONFIGS.items():
         fakes = quantized_copies(fp, 4, config, x_T[:16])
         ints = [to_integer(q) for q in fakes]
+        separate = resident_nbytes(ints)
+        share_constants(ints)  # as the sampler does
         runs = {"FP": [fp], f"{name} fake K=1": fakes[:1], f"{name} fake K=4": fakes, f"{name} int K=1": ints[:1],
                 f"{name} int K=4": ints}
-        for threads in args.threads:
+        for threads in [] if args.bytes_only else args.threads:
             torch.set_num_threads(threads)
             best = time_runs(runs, x_T, steps, args.repeats, CLOCKS[args.clock])
             for run, sec in best.items():
@@ -94,10 +97,11 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
             fp_weights = sum(m.weight.numel() * 4 for m in fp.modules()
                              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
             codes = sum(k.code_nbytes for m in ints for k in m.kernels())
-            resident = sum(m.resident_nbytes() for m in ints)
+            resident = resident_nbytes(ints)
             bytes_line = (f"{label}: FP parameters {fp_bytes:,} B (conv/linear weights {fp_weights:,} B); "
                           f"K=4 W4A8 integer runtime: int8 weight codes {codes:,} B ({codes / fp_weights:.3f}x FP "
-                          f"weights), all resident tensors {resident:,} B ({resident / fp_bytes:.3f}x FP parameters)")
+                          f"weights), all resident tensors {resident:,} B ({resident / fp_bytes:.4f}x FP parameters; "
+                          f"{separate / fp_bytes:.4f}x without share_constants)")
         del fakes, ints
     print(f"\n{bytes_line}\n", flush=True)
 
@@ -117,6 +121,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["embedded", "cifar10"])
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="cpu: CPU seconds instead of wall time, steadier on a machine other jobs load")
+    ap.add_argument("--bytes-only", action="store_true", help="only the resident bytes, no timing")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.allocator)")
     args = ap.parse_args()

@@ -27,7 +27,7 @@ from mmqdiff.evaluation import damage_boundaries, heldout_error_of_run, heldout_
 from mmqdiff.io import check_writable
 from mmqdiff.lightning.calibrate import SegmentCalibration
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter
-from mmqdiff.manifest import damaged_segments, load_segment_models, read_manifest, warm_start_state
+from mmqdiff.manifest import CKPT_KEY, damaged_segments, load_segment_models, read_manifest, warm_start_state
 from mmqdiff.quant import QuantConfig, ReconSettings, WarmStart, calibrate, packed_nbytes, quant_state_dict
 from mmqdiff.quant.reconstruction import NonFiniteLossError
 
@@ -212,6 +212,14 @@ def test_existing_run_is_not_overwritten(world, finished):
     with pytest.raises(FileExistsError, match="holds a previous run"):
         fit(world, run_dir)
     assert (run_dir / "manifest.json").read_bytes() == before
+
+
+def test_default_autocast_is_left_out_of_the_resume_signature(finished):
+    """Checkpoints written before ``recon.autocast`` existed must still resume: at its default it is not recorded."""
+    run_dir, _ = finished
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)[CKPT_KEY]
+    recon = state["signature"]["recon"]
+    assert "lr_w" in recon and "autocast" not in recon
 
 
 def test_resume_with_other_settings_is_refused(world, finished):

@@ -19,9 +19,9 @@ from mmqdiff.manifest import segment_dir, write_manifest
 from mmqdiff.metrics import psnr
 from mmqdiff.quant import (AdaRoundQuantizer, IntegerUNet, IntegerUnsupported, QuantConfig, QuantLayer,
                            UniformAffineQuantizer, config_from_state, export_packed, load_packed, quant_layers,
-                           quantize_model, set_rounding, to_integer)
-from mmqdiff.quant.integer import (ActivationCodes, IntegerAttnBlock, IntegerLayer, integer_bmm, onednn_available,
-                                   weight_codes)
+                           quantize_model, resident_nbytes, set_rounding, share_constants, to_integer)
+from mmqdiff.quant.integer import (ActivationCodes, IntegerAttnBlock, IntegerLayer, box_sum, channel_sum, integer_bmm,
+                                   onednn_available, weight_codes)
 
 from .conftest import ROOT, TINY
 
@@ -76,6 +76,21 @@ def inputs(model: torch.nn.Module, n: int, seed: int) -> tuple[torch.Tensor, tor
 
 
 # -- codes ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel,stride,padding", [((3, 3), [1, 1], [1, 1]), ((3, 3), [2, 2], [0, 0]),
+                                                    ((3, 3), [2, 2], [1, 1]), ((1, 1), [1, 1], [0, 0]),
+                                                    ((2, 3), [1, 2], [0, 1])])
+def test_window_sums_equal_a_ones_convolution(kernel, stride, padding):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randint(0, 256, (3, 5, 9, 8), generator=g, dtype=torch.uint8)
+    for codes in (u, u.contiguous(memory_format=torch.channels_last), u[:, 1:4]):
+        s = channel_sum(codes)
+        assert torch.equal(s, codes.sum(1, keepdim=True).float())
+        ones = torch.ones((1, 1) + kernel)
+        assert torch.equal(box_sum(s, kernel, stride, padding), torch.nn.functional.conv2d(s, ones, None, stride,
+                                                                                           padding))
+    assert torch.equal(channel_sum(u[:, :, 0, 0]), u[:, :, 0, 0].sum(1, keepdim=True).float())  # linear inputs
+
 
 @pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, False), (6, True)])
 def test_activation_codes_are_the_fake_quantizer_levels(bits, symmetric):
@@ -317,6 +332,38 @@ def test_integer_runtime_keeps_int8_codes_only(embedded, trajectories):
     assert im.resident_nbytes() < 0.3 * fp_bytes
 
 
+@needs_onednn
+def test_segments_share_their_equal_constants_and_keep_their_own_codes(embedded, trajectories):
+    """Two segments calibrated on different steps: same biases, weight scales and norms (shared once after
+    share_constants), different activation steps (kept apart); outputs unchanged; resident bytes fall by exactly
+    the bytes of the tensors no longer held."""
+    fakes = [embedded_quantized(embedded, trajectories, 4, steps) for steps in timestep_segments(100, 2)]
+    ints = [to_integer(q) for q in fakes]
+    x, t = inputs(fakes[0], 2, seed=5)
+    with torch.inference_mode():
+        before = [m(x, t) for m in ints]
+    separate = resident_nbytes(ints)
+    before_tensors = {id(t): t for m in ints for t in [*m.parameters(), *m.buffers()]}
+    ids = [{id(t) for t in [*m.parameters(), *m.buffers()]} for m in ints]
+    share_constants(ints)
+    tensors = [{id(t): t for t in [*m.parameters(), *m.buffers()]} for m in ints]
+    common = [tensors[0][i] for i in tensors[0].keys() & tensors[1].keys()]
+    assert common and all(t.is_floating_point() for t in common)
+    assert not ids[0] & ids[1] and not {id(t) for t in common} & ids[1]  # the second model now points at the first's
+    bias, norm = (ints[1].model.get_submodule(n) for n in ("conv_in.kernels.0", "mid.block_1.norm1"))
+    assert bias.bias is ints[0].model.get_submodule("conv_in.kernels.0").bias
+    assert norm.weight is ints[0].model.get_submodule("mid.block_1.norm1").weight
+    steps = [m.model.get_submodule("mid.block_1.conv1.kernels.0.codes").delta for m in ints]
+    assert steps[0] is not steps[1] and not torch.equal(*steps)  # each segment's own activation step
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    saved = separate - resident_nbytes(ints)
+    assert saved == nbytes(before_tensors.values()) - nbytes({id(t): t for m in ints for t in
+                                                               [*m.parameters(), *m.buffers()]}.values())
+    assert saved >= nbytes(common)  # (equal constants inside one model are shared too)
+    with torch.inference_mode():
+        assert all(torch.equal(a, m(x, t)) for a, m in zip(before, ints))
+
+
 def test_refusals_say_why(embedded, trajectories):
     q = embedded_quantized(embedded, trajectories, 4)
     q.set_quant_state(True, False)
@@ -380,8 +427,11 @@ def test_sampler_runs_the_integer_runtime_and_records_time(tmp_path, tiny_model)
     assert int_metrics["runtime"] == "int" and fake_metrics["runtime"] == "fake"
     models = list(int_sampler.segment_models)
     assert len(models) == 2 and all(isinstance(m, IntegerUNet) for m in models)
-    first, second = ({id(t) for t in [*m.parameters(), *m.buffers()]} for m in models)
-    assert not first & second  # segment models share no tensor
+    first, second = ({id(t): t for t in [*m.parameters(), *m.buffers()]} for m in models)
+    shared = [first[i] for i in first.keys() & second.keys()]
+    assert shared and all(t.is_floating_point() for t in shared)  # equal constants once; integer codes never
+    assert not {id(k.packed) for k in models[0].kernels() if hasattr(k, "packed")} & {
+        id(k.packed) for k in models[1].kernels() if hasattr(k, "packed")}
     _, fp_metrics, _ = sample(tmp_path, None, "int", "fp")
     assert fp_metrics["runtime"] == "fp"
     for metrics in (int_metrics, fake_metrics, fp_metrics):

@@ -1,4 +1,6 @@
 """Reconstruction engine: loss, unit caching, AdaRound and activation phases, work items, determinism."""
+import math
+
 import pytest
 import torch
 
@@ -79,6 +81,23 @@ def test_weight_phase_beats_nearest_rounding(fp, data, name):
     assert stats["iters"] == 80 and stats["rec_last"] >= 0
 
 
+def test_bfloat16_autocast_runs_the_unit_in_bfloat16_and_still_beats_nearest_rounding(fp, data):
+    xs, ts = data
+    name = "down.0.block.0"
+    dtypes = []
+    for autocast in ("none", "bfloat16"):
+        q = quantize_model(fp, QuantConfig())
+        unit = q.model.get_submodule(name)
+        cache = cache_unit_io(q, fp, name, xs, ts, asym=True)
+        nearest = unit_error(unit, cache)
+        hook = unit.conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        stats = reconstruct_weights(unit, cache, iters=40, generator=torch.Generator().manual_seed(0), name=name,
+                                    autocast=autocast)
+        hook.remove()
+        assert unit_error(unit, cache) < nearest and math.isfinite(stats["rec_last"])  # scored in float32
+    assert dtypes[:40] == [torch.float32] * 40 and dtypes[40:] == [torch.bfloat16] * 40
+
+
 def test_activation_phase_learns_step_sizes_only(fp, data):
     xs, ts = data
     q = quantize_model(fp, QuantConfig())
@@ -133,6 +152,8 @@ def test_settings_are_validated():
         ReconSettings(cache_dtype="int8")
     with pytest.raises(ValueError, match="cali_iters"):
         ReconSettings(cali_iters=-1)
+    with pytest.raises(ValueError, match="autocast must be 'none' or 'bfloat16', got 'float16'"):
+        ReconSettings(autocast="float16")
 
 
 @pytest.mark.parametrize("kwargs, key", [({"lr_w": 0.0}, "lr_w"), ({"lr_w": -1e-3}, "lr_w"), ({"lr_a": 0}, "lr_a"),

@@ -229,7 +229,8 @@ class SegmentCalibration(LightningModule):
 
     def signature(self) -> dict[str, Any]:
         """What must not change between a checkpoint and the run that resumes it."""
-        recon = {k: v for k, v in asdict(self.recon).items() if k != "cache_device"}
+        # autocast "none" is left out so that checkpoints from before the switch existed still resume
+        recon = {k: v for k, v in asdict(self.recon).items() if k != "cache_device" and (k, v) != ("autocast", "none")}
         data = self.data
         return {"model_sha256": self.model_sha256, "calibration_sha256": data.sha256, "k": data.k,
                 "segments": [[r.start, r.stop] for r in data.segments], "num_steps": data.num_steps,

@@ -29,7 +29,7 @@ from .run_lock import LOCK_NAME, hold_run_lock
 from .strategy import decided_by_zero
 from ..plots import save_sample_grid
 from ..metrics import InceptionExtractor, embedded_extractor, psnr_per_image, score_images, to_uint8
-from ..quant import IntegerUnsupported, to_integer
+from ..quant import IntegerUnsupported, share_constants, to_integer
 
 RUNTIMES = ("int", "fake")
 
@@ -95,6 +95,7 @@ class MultiModelSampler(L.LightningModule):
             self.runtime = "fake"
             rank_zero_warn(f"runtime 'fake' instead of 'int': {e}")
             return
+        share_constants(models)  # one copy of the biases, scales and norms the segments have in common
         self.segment_models = torch.nn.ModuleList(models)  # the fake-quant copies (fp32 weights) are released
         self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
 

@@ -4,7 +4,7 @@ runtime (``to_integer``). Imports nothing of Lightning."""
 from .blocks import QuantAttnBlock, QuantResnetBlock
 from .calibration import ItemDone, ResumePoint, SegmentCalibrator, calibrate, init_activation_ranges
 from .export import dequantize_packed, export_packed, load_packed, packed_nbytes
-from .integer import IntegerUNet, IntegerUnsupported, to_integer
+from .integer import IntegerUNet, IntegerUnsupported, resident_nbytes, share_constants, to_integer
 from .model import (QuantizedUNet, config_from_state, decoder_split_points, load_quant_state, quant_state_dict,
                     quantize_model)
 from .modules import (QuantConfig, QuantLayer, act_quantizers, adaround_quantizers, init_adaround, quant_layers,
@@ -18,4 +18,4 @@ __all__ = ["QuantConfig", "QuantizedUNet", "quantize_model", "calibrate", "init_
            "set_rounding", "init_adaround", "soften_adaround", "adaround_quantizers", "act_quantizers",
            "reset_act_quantizers", "quant_layers", "quant_state_dict", "load_quant_state", "config_from_state",
            "decoder_split_points", "export_packed", "packed_nbytes", "dequantize_packed", "load_packed", "to_integer",
-           "IntegerUNet", "IntegerUnsupported"]
+           "share_constants", "resident_nbytes", "IntegerUNet", "IntegerUnsupported"]

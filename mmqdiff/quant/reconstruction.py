@@ -186,16 +186,20 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.T
 def _optimise(unit: nn.Module, cache: UnitCache, loss_fn: LossFn,
               opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None, *, iters: int,
               batch_size: int, generator: torch.Generator, name: str, phase: str,
-              progress: Progress | None) -> dict[str, float]:
+              progress: Progress | None, autocast: str = "none") -> dict[str, float]:
     """The shared minibatch loop; iteration ``t`` counts from 1 as the reference's loss counter does. Returns the
-    minibatch reconstruction error (without the rounding term) at the first and last iteration, and the seconds."""
+    minibatch reconstruction error (without the rounding term) at the first and last iteration, and the seconds.
+    ``autocast`` "bfloat16" runs the unit's forward (and so its backward) under ``torch.autocast``; the loss is
+    taken in float32."""
     device = next(unit.parameters()).device
     rec_first = rec = float("nan")
     start = time.perf_counter()
     for t in range(1, iters + 1):
         idx = torch.randperm(len(cache), generator=generator)[:batch_size]
         inputs, target = cache.batch(idx, device)
-        loss, rec_loss = loss_fn(unit(*inputs), target, t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bfloat16"):
+            out = unit(*inputs)
+        loss, rec_loss = loss_fn(out.float(), target, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -215,7 +219,8 @@ def _optimise(unit: nn.Module, cache: UnitCache, loss_fn: LossFn,
 def reconstruct_weights(unit: nn.Module, cache: UnitCache, *, iters: int, batch_size: int = 32, lr: float = 1e-3,
                         reg_weight: float = 0.01, b_range: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2,
                         generator: torch.Generator, train_mode: bool = False, name: str = "unit",
-                        progress: Progress | None = None, warm: WarmStart | None = None) -> dict[str, float]:
+                        progress: Progress | None = None, warm: WarmStart | None = None,
+                        autocast: str = "none") -> dict[str, float]:
     """AdaRound phase (3.6): Adam on the alphas of every weight quantizer in ``unit``; loss = ``lp_loss(p=2)`` +
     ``reg_weight * sum(round_loss(b))`` over regularized quantizers, zero during the warm-up, ``b`` from
     :class:`LinearTempDecay`. Ends with hard rounding. Activation quantization is off in this phase. Stats add
@@ -243,7 +248,8 @@ def reconstruct_weights(unit: nn.Module, cache: UnitCache, *, iters: int, batch_
     params = [q.alpha for q in quantizers]
     with _training(unit, params, train_mode):
         stats = _optimise(unit, cache, loss_fn, torch.optim.Adam(params, lr=lr), None, iters=iters,
-                          batch_size=batch_size, generator=generator, name=name, phase="weight", progress=progress)
+                          batch_size=batch_size, generator=generator, name=name, phase="weight", progress=progress,
+                          autocast=autocast)
     with torch.no_grad():  # how far the soft rounding still is from hard (0: every weight decided), unweighted
         stats["round_loss"] = float(sum(q.round_loss(decay(iters)) for q in regularized))
     set_rounding(unit, "hard")
@@ -260,7 +266,7 @@ def learnable_act_quantizers(unit: nn.Module) -> list[nn.Module]:
 
 def reconstruct_activations(unit: nn.Module, cache: UnitCache, *, iters: int, batch_size: int = 32, lr: float = 4e-4,
                             p: float = 2.4, generator: torch.Generator, train_mode: bool = False, name: str = "unit",
-                            progress: Progress | None = None) -> dict[str, float]:
+                            progress: Progress | None = None, autocast: str = "none") -> dict[str, float]:
     """Activation phase (3.7): Adam with cosine decay to 0 on the step sizes (zero points stay), ``lp_loss(p)``,
     weights at their hard rounding, activations quantized. Quantizers must be initialised already."""
     set_quant_state(unit, True, True)
@@ -272,7 +278,8 @@ def reconstruct_activations(unit: nn.Module, cache: UnitCache, *, iters: int, ba
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
     with _training(unit, params, train_mode):
         return _optimise(unit, cache, lambda out, target, t: (lp_loss(out, target, p),) * 2, opt, sched, iters=iters,
-                         batch_size=batch_size, generator=generator, name=name, phase="act", progress=progress)
+                         batch_size=batch_size, generator=generator, name=name, phase="act", progress=progress,
+                         autocast=autocast)
 
 
 @torch.no_grad()
@@ -333,6 +340,7 @@ class ReconSettings:
     cache_device: str = "auto"
     cache_dtype: str = "float32"
     cache_batch_size: int = 256
+    autocast: str = "none"  # "bfloat16": reconstruction forward/backward under torch.autocast (a speed switch)
 
     def scaled(self, factor: float) -> ReconSettings:
         """These settings with both iteration counts times ``factor`` (rounded, at least 1 unless 0): a segment's share of a
@@ -343,6 +351,8 @@ class ReconSettings:
                        cali_iters_a=max(min(1, self.cali_iters_a), round(self.cali_iters_a * factor)))
 
     def __post_init__(self) -> None:
+        if self.autocast not in ("none", "bfloat16"):
+            raise ValueError(f"autocast must be 'none' or 'bfloat16', got {self.autocast!r}")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"cache_dtype must be float32, float16 or bfloat16, got {self.cache_dtype!r}")
         for name in ("cali_iters", "cali_iters_a"):  # 0: the phase keeps its start (init or warm start) unoptimised
@@ -397,10 +407,10 @@ def calibrate_item(q_model: QuantizedUNet, fp_model: nn.Module, xs: torch.Tensor
             stats = reconstruct_weights(module, cache, iters=s.cali_iters, batch_size=s.batch_size, lr=s.lr_w,
                                         reg_weight=s.reg_weight, b_range=(s.b_start, s.b_end), warmup=s.warmup,
                                         generator=generator, train_mode=not s.eval_mode, name=name, progress=progress,
-                                        warm=warm)
+                                        warm=warm, autocast=s.autocast)
         else:
             stats = reconstruct_activations(module, cache, iters=s.cali_iters_a, batch_size=s.batch_size, lr=s.lr_a,
                                             p=s.p, generator=generator, train_mode=not s.eval_mode, name=name,
-                                            progress=progress)
+                                            progress=progress, autocast=s.autocast)
     q_model.set_quant_state(True, phase == "act")
     return {**stats, "cache_bytes": cache.nbytes}
