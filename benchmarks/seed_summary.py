@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from mmqdiff.plots import save_figure, seed_comparison_figure
 from mmqdiff.seeds import METRICS, mean_sd, paired_difference, runs_by_arm
@@ -24,7 +25,7 @@ def main() -> None:
     ap.add_argument("--default-seed", type=int, default=1234, help="seed of rows without a suffix")
     ap.add_argument("--out", help="PNG of the per-seed values")
     args = ap.parse_args()
-    runs = json.loads(open(args.report).read())["runs"]
+    runs = json.loads(Path(args.report).read_text())["runs"]
     arms = runs_by_arm(runs, args.default_seed)
     if args.reference not in arms:
         raise SystemExit(f"--reference {args.reference!r} is not an arm of {args.report}: {list(arms)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from typing import Any, Sequence
 
 SEED_SUFFIX = re.compile(r"^(?P<arm>.*), seed (?P<seed>\d+)$")
@@ -33,10 +34,7 @@ def runs_by_arm(runs: Sequence[dict[str, Any]], default_seed: int) -> dict[str, 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; nan for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return mean, sd
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def paired_difference(arm: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]],
