@@ -1,10 +1,13 @@
 """Sampling speed: FP vs fake-quant vs the integer runtime (``to_integer``), K=1 and K=4, W4A8 and W8A8 (asymmetric
-weights as the reference, and the symmetric-weight option); plus the resident bytes of the K=4 integer runtime vs FP.
+weights as the reference, and the symmetric-weight option); plus the resident bytes of the K=4 integer runtime vs FP
+and the cost of a segment switch.
 
 For each model and bit width the runs are timed interleaved in one process (best of ``--repeats``) next to their own
 FP run, so every ratio compares like with like on a machine that other jobs load. K segment models are K
 independently quantized copies (nearest rounding, activation ranges from one random batch; calibrated values do not
-change speed); K=1 uses the first of them. The embedded UNet samples ``--steps`` quad steps; the CIFAR-10 config
+change speed; their weight levels share one base, as a run's segments do); K=1 uses the first of them. "int K=4"
+keeps all four segments packed (``IntegerSegments(pack="all")``), "int K=4 pack=active" (the sampler's default)
+re-packs the segment in use from the shared codes at each switch. The embedded UNet samples ``--steps`` quad steps; the CIFAR-10 config
 (random weights) runs ``--cifar-steps`` steps of the same kind (the time ratio is per forward, K=4 still switches).
 
     .venv/bin/python benchmarks/bench_sampling.py --threads 1 2 [--embedded-batch 128] [--cifar-batches 8 64]
@@ -27,7 +30,7 @@ import torch
 from mmqdiff.allocator import keep_freed_memory
 from mmqdiff.data import segment_of_step, timestep_segments
 from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_checkpoint, segment_switch, timesteps
-from mmqdiff.quant import QuantConfig, quantize_model, resident_nbytes, set_rounding, share_constants, to_integer
+from mmqdiff.quant import IntegerSegments, QuantConfig, quantize_model, resident_nbytes, set_rounding, to_integer
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: CPU seconds of this process (all threads)
@@ -74,17 +77,28 @@ def time_runs(runs: dict[str, list[torch.nn.Module]], x_T: torch.Tensor, steps: 
     return best
 
 
+def switch_seconds(segments: IntegerSegments, rounds: int = 3) -> float:
+    """Best seconds of one segment switch (re-packing a segment's weights from the shared codes)."""
+    best = float("inf")
+    for _ in range(rounds):
+        for k in range(len(segments)):
+            start = time.perf_counter()
+            segments.activate(k)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: argparse.Namespace,
                 device: torch.device) -> None:
     shape = (batch, fp.in_channels, fp.resolution, fp.resolution)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    fp_bytes = sum(p.numel() * p.element_size() for p in fp.parameters())
+    notes = []
     for name, config in CONFIGS.items():
         fakes = quantized_copies(fp, 4, config, x_T[:16])
-        ints = [to_integer(q) for q in fakes]
-        separate = resident_nbytes(ints)
-        share_constants(ints)  # as the sampler does
-        runs = {"FP": [fp], f"{name} fake K=1": fakes[:1], f"{name} fake K=4": fakes, f"{name} int K=1": ints[:1],
-                f"{name} int K=4": ints}
+        active, every = IntegerSegments(fakes), IntegerSegments(fakes, pack="all")  # the sampler's two modes
+        runs = {"FP": [fp], f"{name} fake K=1": fakes[:1], f"{name} fake K=4": fakes,
+                f"{name} int K=1": every.models[:1], f"{name} int K=4": every, f"{name} int K=4 pack=active": active}
         for threads in [] if args.bytes_only else args.threads:
             torch.set_num_threads(threads)
             best = time_runs(runs, x_T, steps, args.repeats, CLOCKS[args.clock])
@@ -92,18 +106,19 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
                 forwards = steps * batch
                 print(f"| {label} | {batch} | {threads} | {steps} | {run} | {sec:.2f} | {1e3 * sec / forwards:.2f} | "
                       f"{sec / best['FP']:.2f} |", flush=True)
-        if name == "W4A8":
-            fp_bytes = sum(p.numel() * p.element_size() for p in fp.parameters())
-            fp_weights = sum(m.weight.numel() * 4 for m in fp.modules()
-                             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-            codes = sum(k.code_nbytes for m in ints for k in m.kernels())
-            resident = resident_nbytes(ints)
-            bytes_line = (f"{label}: FP parameters {fp_bytes:,} B (conv/linear weights {fp_weights:,} B); "
-                          f"K=4 W4A8 integer runtime: int8 weight codes {codes:,} B ({codes / fp_weights:.3f}x FP "
-                          f"weights), all resident tensors {resident:,} B ({resident / fp_bytes:.4f}x FP parameters; "
-                          f"{separate / fp_bytes:.4f}x without share_constants)")
-        del fakes, ints
-    print(f"\n{bytes_line}\n", flush=True)
+            switch = switch_seconds(active)
+            per_step = best[f"{name} int K=4"] / steps
+            notes.append(f"{label}, batch {batch}, {threads} threads, {name}: one segment switch (pack=active) "
+                         f"{1e3 * switch:.1f} ms; K=4 switches per 100-step sampling = {4 * switch / (100 * per_step):.2%} "
+                         f"of its time (this run's {steps} steps cross all 4 segments too)")
+        codes = sum(k.code_nbytes for m in every.models for k in m.kernels())
+        notes.append(f"{label}, {name} K=4 integer runtime, resident bytes vs FP parameters ({fp_bytes:,} B): "
+                     f"pack=active {resident_nbytes([active]) / fp_bytes:.3f}x ({resident_nbytes([active]):,} B), "
+                     f"pack=all {resident_nbytes([every]) / fp_bytes:.3f}x (packed int8 codes alone "
+                     f"{codes / fp_bytes:.3f}x), four separate models without share_constants "
+                     f"{resident_nbytes([to_integer(q) for q in fakes]) / fp_bytes:.3f}x")
+        del fakes, active, every
+    print("\n" + "\n".join(notes) + "\n", flush=True)
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_beta
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter, load_samples
 from mmqdiff.manifest import segment_dir, write_manifest
 from mmqdiff.metrics import psnr
-from mmqdiff.quant import (AdaRoundQuantizer, IntegerUNet, IntegerUnsupported, QuantConfig, QuantLayer,
-                           UniformAffineQuantizer, config_from_state, export_packed, load_packed, quant_layers,
-                           quantize_model, resident_nbytes, set_rounding, share_constants, to_integer)
+from mmqdiff.quant import (AdaRoundQuantizer, IntegerSegments, IntegerUNet, IntegerUnsupported, QuantConfig,
+                           QuantLayer, UniformAffineQuantizer, config_from_state, export_packed, load_packed,
+                           quant_layers, quantize_model, resident_nbytes, set_rounding, share_constants, to_integer)
 from mmqdiff.quant.integer import (ActivationCodes, IntegerAttnBlock, IntegerLayer, box_sum, channel_sum, integer_bmm,
                                    onednn_available, weight_codes)
 
@@ -403,10 +403,10 @@ def write_run(tmp_path, fp: torch.nn.Module, k: int, num_steps: int, quant_act: 
     return run
 
 
-def sample(tmp_path, run, runtime: str, name: str):
+def sample(tmp_path, run, runtime: str, name: str, pack: str = "active"):
     out = tmp_path / name
     sampler = MultiModelSampler(str(tmp_path / "tiny.yaml"), str(tmp_path / "tiny.pt"), calibration_run=run,
-                                num_steps=4, real_source=None, runtime=runtime)
+                                num_steps=4, real_source=None, runtime=runtime, pack=pack)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         callbacks=[SampleWriter()], default_root_dir=out)
     trainer.predict(sampler, datamodule=SampleIndices(3, 3, str(out)), return_predictions=False)
@@ -425,13 +425,14 @@ def test_sampler_runs_the_integer_runtime_and_records_time(tmp_path, tiny_model)
     int_sampler, int_metrics, int_images = sample(tmp_path, run, "int", "int")
     _, fake_metrics, fake_images = sample(tmp_path, run, "fake", "fake")
     assert int_metrics["runtime"] == "int" and fake_metrics["runtime"] == "fake"
-    models = list(int_sampler.segment_models)
+    assert isinstance(int_sampler.segment_models, IntegerSegments)
+    models = list(int_sampler.segment_models.models)
     assert len(models) == 2 and all(isinstance(m, IntegerUNet) for m in models)
     first, second = ({id(t): t for t in [*m.parameters(), *m.buffers()]} for m in models)
     shared = [first[i] for i in first.keys() & second.keys()]
     assert shared and all(t.is_floating_point() for t in shared)  # equal constants once; integer codes never
-    assert not {id(k.packed) for k in models[0].kernels() if hasattr(k, "packed")} & {
-        id(k.packed) for k in models[1].kernels() if hasattr(k, "packed")}
+    _, all_metrics, all_images = sample(tmp_path, run, "int", "int_all", pack="all")  # every segment packed
+    assert all_metrics["runtime"] == "int" and torch.equal(all_images, int_images)
     _, fp_metrics, _ = sample(tmp_path, None, "int", "fp")
     assert fp_metrics["runtime"] == "fp"
     for metrics in (int_metrics, fake_metrics, fp_metrics):

@@ -29,7 +29,8 @@ from .run_lock import LOCK_NAME, hold_run_lock
 from .strategy import decided_by_zero
 from ..plots import save_sample_grid
 from ..metrics import InceptionExtractor, embedded_extractor, psnr_per_image, score_images, to_uint8
-from ..quant import IntegerUnsupported, share_constants, to_integer
+from ..quant import IntegerSegments, IntegerUnsupported
+from ..quant.segment_runtime import PACK_MODES
 
 RUNTIMES = ("int", "fake")
 
@@ -42,7 +43,7 @@ class MultiModelSampler(L.LightningModule):
                  real_source: str | None = "synthetic", feature_extractor: str | None = None,
                  inception_weights: str | None = None, num_real: int = 5000, kid_subset_size: int = 1000,
                  fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache", score_chunks: int = 1,
-                 runtime: str = "int"):
+                 runtime: str = "int", pack: str = "active"):
         """``real_source`` ("synthetic", a ``cifar-10-batches-py`` folder or a PNG folder; None skips scoring) is
         scored with ``feature_extractor`` (the embedded classifier) or ``inception_weights`` (a local torch-fidelity
         Inception file); ``fp_samples`` is an FP sampling run's folder for PSNR on identical noise.
@@ -51,11 +52,16 @@ class MultiModelSampler(L.LightningModule):
         ``score_chunks`` > 1 also scores that many disjoint index-ordered chunks (FID/KID/IS/PSNR per chunk and
         their spread; see ``metrics.chunk_spread``).
         ``runtime``: "int" runs the segment models' convs/linears as int8 kernels (``mmqdiff.quant.to_integer``,
-        packed once when prediction starts), falling back to "fake" with one warning where the backend cannot;
-        "fake" simulates quantization in fp32. FP runs ignore it."""
+        packed when prediction starts), falling back to "fake" with one warning where the backend cannot;
+        "fake" simulates quantization in fp32. FP runs ignore it.
+        ``pack`` (integer runtime): "active" keeps one shared set of weight codes plus each segment's rounding bits
+        and packs the segment in use at each switch (resident bytes below FP's); "all" keeps every segment packed
+        (no re-packing; K int8 weight sets resident). See ``mmqdiff.quant.IntegerSegments``."""
         super().__init__()
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if pack not in PACK_MODES:
+            raise ValueError(f"pack must be one of {PACK_MODES}, got {pack!r}")
         if real_source is not None and (feature_extractor is None) == (inception_weights is None):
             raise ValueError("scoring needs exactly one of feature_extractor (embedded default) or inception_weights")
         self.save_hyperparameters()
@@ -83,21 +89,20 @@ class MultiModelSampler(L.LightningModule):
         self.sampling_seconds, self.images_sampled = 0.0, 0  # this run's predict steps, FP-error tracking excluded
 
     def on_predict_start(self) -> None:
-        """Pack the integer runtime once, on the device Lightning moved the models to (switching costs nothing)."""
+        """Build the integer runtime once, on the device Lightning moved the models to."""
         if self.runtime != "int":
             return
         probe = torch.zeros(1, *self.image_shape, device=self.device), torch.full((1,), 500.0, device=self.device)
         try:
-            models = [to_integer(m) for m in self.segment_models]
-            for m in models:  # one tiny forward: a backend that builds but cannot run is caught here, not mid-run
-                m(*probe)
+            segments = IntegerSegments(self.segment_models, pack=self.hparams.pack)
+            for k in range(len(segments)):  # one tiny forward: a backend that builds but cannot run is caught here
+                segments[k](*probe)
         except (IntegerUnsupported, RuntimeError) as e:
             self.runtime = "fake"
             rank_zero_warn(f"runtime 'fake' instead of 'int': {e}")
             return
-        share_constants(models)  # one copy of the biases, scales and norms the segments have in common
-        self.segment_models = torch.nn.ModuleList(models)  # the fake-quant copies (fp32 weights) are released
-        self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
+        self.segment_models = segments  # the fake-quant copies (fp32 weights) are released
+        self.model_for_step = segment_switch(segments, segment_of_step(self.segments))
 
     def sampling_record(self) -> dict[str, Any]:
         """What makes the images (``identity``: a resumed run must match it) and where it came from (``info``). The

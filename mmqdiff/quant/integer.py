@@ -128,10 +128,16 @@ def weight_codes(q: UniformAffineQuantizer, w: torch.Tensor) -> tuple[torch.Tens
         raise IntegerUnsupported("weights are in soft rounding; finish reconstruction (hard rounding) first")
     with torch.no_grad():
         levels = (q.levels(w) - q.zero_point).to(torch.int32)
-    flat = levels.reshape(levels.shape[0], -1)
-    offset = torch.maximum(flat.amax(1) - 127, torch.clamp(flat.amin(1) + 128, max=0))  # 0 when the channel fits
-    w8 = (levels - offset.reshape((-1,) + (1,) * (levels.dim() - 1))).to(torch.int8)
+    w8, offset = int8_with_offset(levels)
     return w8, q.delta.detach().reshape(-1).float().clone(), offset
+
+
+def int8_with_offset(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer weight levels [O, ...] (each channel's range at most 255) as (int8 ``levels - offset``, int32
+    per-channel ``offset``), the offset 0 where a channel fits int8, otherwise the smallest shift that makes it fit."""
+    flat = levels.reshape(levels.shape[0], -1)
+    offset = torch.maximum(flat.amax(1) - 127, torch.clamp(flat.amin(1) + 128, max=0)).to(torch.int32)
+    return (levels - offset.reshape((-1,) + (1,) * (levels.dim() - 1))).to(torch.int8), offset
 
 
 def channel_sum(u: torch.Tensor) -> torch.Tensor:
@@ -165,19 +171,30 @@ class OneDNNKernel(nn.Module):
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("w_zero_point", torch.zeros((), dtype=torch.int64))  # weights are symmetric int8
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        self.register_buffer("offset_scale", None)
+        self.in_channels, self.kernel_size = w8.shape[1], tuple(w8.shape[2:])
+        self.load_weight(w8, offset)
+
+    def load_weight(self, w8: torch.Tensor, offset: torch.Tensor) -> None:
+        """Prepack int8 weights (with their per-channel offsets) into onednn's blocked layout."""
         self.offset_used = bool(offset.any())
-        if self.offset_used:
-            self.register_buffer("offset_scale", (scale * offset.float() * codes.scale).reshape(
-                (1, -1) + (1,) * (w8.dim() - 2)))
-            self.kernel_size = tuple(w8.shape[2:])
-        if conv_args is None:
+        self.offset_scale = ((self.scale * offset.float() * self.codes.scale).reshape(
+            (1, -1) + (1,) * (w8.dim() - 2)) if self.offset_used else None)
+        if self.conv_args is None:
             self.packed = torch.ops.onednn.qlinear_prepack(w8, None)
         else:
-            a = conv_args
-            self.packed = torch.ops.onednn.qconv_prepack(w8, scale, codes.scale, codes.zero_point, a["stride"],
-                                                         a["padding"], a["dilation"], a["groups"], None)
-        self.in_channels = w8.shape[1]
-        self.code_nbytes = int(torch.ops.mkldnn._nbytes(self.packed))  # blocked layout: padding + compensation
+            a = self.conv_args
+            self.packed = torch.ops.onednn.qconv_prepack(w8, self.scale, self.codes.scale, self.codes.zero_point,
+                                                         a["stride"], a["padding"], a["dilation"], a["groups"], None)
+
+    def unload_weight(self) -> None:
+        """Release the packed weights (the kernel cannot run until :meth:`load_weight`)."""
+        self.packed = self.offset_scale = None
+
+    @property
+    def code_nbytes(self) -> int:
+        """Bytes of the packed weights: onednn's blocked layout, with its padding and compensation; 0 when unloaded."""
+        return 0 if self.packed is None else int(torch.ops.mkldnn._nbytes(self.packed))
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         u, c = self.codes.uint8(x, inplace), self.codes
@@ -211,22 +228,32 @@ class IntMMKernel(nn.Module):
         self.out_channels, self.kernel_size = o, tuple(w8.shape[2:]) or (1, 1)
         taps = self.kernel_size[0] * self.kernel_size[1]
         self.channel_pad = next(p for p in range(8) if (c + p) * taps % 8 == 0)
-        rows = F.pad(w8.reshape(o, c, taps), (0, 0, 0, self.channel_pad)).reshape(o, -1)
+        self.pad_code = codes.zero_point - 128  # int8 code of a real 0: padding contributes nothing
+        self.register_buffer("scale", (scale * codes.scale).float())
+        self.register_buffer("bias", torch.zeros(o) if bias is None else bias.detach().float().clone())
+        for name in ("weight", "const", "offset"):  # set by load_weight
+            self.register_buffer(name, None)
+        self.load_weight(w8, offset)
+
+    def load_weight(self, w8: torch.Tensor, offset: torch.Tensor) -> None:
+        """Lay out int8 weights (with their per-channel offsets) as the [K, N] operand and its int32 corrections."""
+        o, c = w8.shape[:2]
+        rows = F.pad(w8.reshape(o, c, -1), (0, 0, 0, self.channel_pad)).reshape(o, -1)
         self.offset_used = bool(offset.any())
         if self.offset_used:
             rows = torch.cat([rows, torch.ones_like(rows[:1])])
         rows = F.pad(rows, (0, 0, 0, -rows.shape[0] % 8))
-        self.register_buffer("weight", rows.t().contiguous())  # [K, N], row-major as cuBLAS needs
-        self.pad_code = codes.zero_point - 128  # int8 code of a real 0: padding contributes nothing
+        self.weight = rows.t().contiguous()  # [K, N], row-major as cuBLAS needs
         # sum_k (s_k - pad) * w_k = acc - pad * colsum(w); with offsets also + o * (sum_k s_k - K * pad)
         k = rows.shape[1]
         const = -self.pad_code * rows[:o].to(torch.int32).sum(1)
         if self.offset_used:
             const = const - offset * k * self.pad_code
-        self.register_buffer("const", const.to(torch.int32))
-        self.register_buffer("offset", offset.to(torch.int32))
-        self.register_buffer("scale", (scale * codes.scale).float())
-        self.register_buffer("bias", torch.zeros(o) if bias is None else bias.detach().float().clone())
+        self.const, self.offset = const.to(torch.int32), offset.to(torch.int32)
+
+    def unload_weight(self) -> None:
+        """Release the weight operand (the kernel cannot run until :meth:`load_weight`)."""
+        self.weight = self.const = self.offset = None
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         s = self.codes.int8(x, inplace)
@@ -252,7 +279,7 @@ class IntMMKernel(nn.Module):
 
     @property
     def code_nbytes(self) -> int:
-        return self.weight.numel()
+        return 0 if self.weight is None else self.weight.numel()
 
 
 def kernel_class(backend: str, conv: bool) -> type[OneDNNKernel] | type[IntMMKernel]:
@@ -443,14 +470,15 @@ class IntegerUNet(nn.Module):
         return resident_nbytes([self])
 
 
-def resident_nbytes(models: Sequence[IntegerUNet]) -> int:
-    """Resident bytes of integer models held together: onednn's packed weights (blocked layout, with its padding and
-    compensation) plus every tensor they keep (int8 ``_int_mm`` weights, per-channel scales, biases, GroupNorm
-    affines, activation steps), a tensor that several models share (:func:`share_constants`) counted once."""
+def resident_nbytes(models: Sequence[nn.Module]) -> int:
+    """Resident bytes of integer models (or ``IntegerSegments``) held together: onednn's packed weights (blocked
+    layout, with its padding and compensation) plus every tensor they keep (int8 ``_int_mm`` weights, shared segment
+    codes, per-channel scales, biases, GroupNorm affines, activation steps), a tensor that several models share
+    (:func:`share_constants`) counted once."""
     seen: set[int] = set()
     total = 0
     for model in models:
-        total += sum(k.code_nbytes for k in model.kernels() if isinstance(k, OneDNNKernel))
+        total += sum(k.code_nbytes for k in model.modules() if isinstance(k, OneDNNKernel))
         for t in [*model.parameters(), *model.buffers()]:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())

@@ -1,0 +1,118 @@
+"""The integer runtime of K segment models held together: ``IntegerSegments(qmodels)``, indexed like the list of
+models the sampler switches between (``segment_switch``).
+
+Why K int8 models can be resident in less than one FP model: the segments of a run quantize the same FP weights
+with the same per-channel scales and zero points (calibration learns only each weight's rounding and the activation
+steps), so each weight's K levels are ``floor(w / s) + h_k`` with AdaRound's ``h_k`` in {0, 1}. One shared int8
+base level per weight plus one rounding bit per weight and segment reproduces every segment's levels exactly:
+``1 + K/8`` bytes per weight instead of ``K``. Only the segment in use is unpacked into the kernels' packed int8
+layout (``pack="active"``), at each segment switch; ``pack="all"`` keeps every segment packed (no re-packing,
+``K`` bytes per weight plus the kernels' padding). Where the levels of a layer's segments differ by more than one
+(models not calibrated from one FP model, different bit widths) that layer keeps each segment's int8 codes.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .integer import (IntegerLayer, IntegerUNet, IntMMKernel, OneDNNKernel, int8_with_offset, share_constants,
+                      to_integer, weight_codes)
+from .model import QuantizedUNet
+
+PACK_MODES = ("active", "all")
+SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 values (any shape) as uint8, eight per byte, least significant bit first (zero-padded at the end)."""
+    flat = bits.reshape(-1).to(torch.int32)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    return (flat << SHIFTS.to(flat.device, torch.int32)).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``numel`` bits as uint8 0/1."""
+    return ((packed.unsqueeze(1) >> SHIFTS.to(packed.device)) & 1).reshape(-1)[:numel]
+
+
+class SegmentCodes(nn.Module):
+    """One kernel's weight levels in K segments: a shared base (int8 + per-channel offset, as a kernel holds it) and
+    one rounding bit per weight and segment; or, where the segments' levels differ by more than one, each segment's
+    int8 codes and offsets as they are."""
+
+    def __init__(self, codes: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        levels = torch.stack([w8.to(torch.int32) + offset.reshape((-1,) + (1,) * (w8.dim() - 1))
+                              for w8, offset in codes])  # [K, O, ...] exact levels q - zp
+        self.shape, self.numel = tuple(levels.shape[1:]), levels[0].numel()
+        self.register_buffer("offsets", torch.stack([offset for _, offset in codes]))
+        base = levels.amin(0)
+        rounding = levels - base
+        self.shared = bool(rounding.max() <= 1)
+        if self.shared:
+            base8, base_offset = int8_with_offset(base)
+            self.register_buffer("base", base8)
+            self.register_buffer("base_offset", base_offset)
+            self.register_buffer("bits", torch.stack([pack_bits(r) for r in rounding]))
+        else:
+            self.register_buffer("w8", torch.stack([w8 for w8, _ in codes]))
+
+    def segment(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segment ``k``'s (int8 codes, per-channel offset), equal to what ``weight_codes`` gave for it: its levels
+        ``base + base_offset + rounding`` less its own offset (which fits them in int8 by construction)."""
+        if not self.shared:
+            return self.w8[k], self.offsets[k]
+        shift = (self.base_offset - self.offsets[k]).to(torch.int16).view((-1,) + (1,) * (len(self.shape) - 1))
+        rounding = unpack_bits(self.bits[k], self.numel).view(self.shape)
+        return (self.base.to(torch.int16) + shift).add_(rounding).to(torch.int8), self.offsets[k]
+
+
+class IntegerSegments(nn.Module):
+    """``to_integer`` for the K segment models of a run, for the sampler: ``segments[k]`` is segment k's
+    :class:`IntegerUNet`, and with ``pack="active"`` indexing a segment other than the one in use first re-packs the
+    kernels' weights from the shared codes (module docstring). Outputs are those of ``to_integer(qmodels[k])``
+    exactly; ``share_constants`` is applied."""
+
+    def __init__(self, qmodels: Sequence[QuantizedUNet], backend: str | None = None, pack: str = "active"):
+        super().__init__()
+        if pack not in PACK_MODES:
+            raise ValueError(f"pack must be one of {PACK_MODES}, got {pack!r}")
+        if not qmodels:
+            raise ValueError("IntegerSegments needs at least one segment model")
+        self.pack = pack
+        self.models = nn.ModuleList([to_integer(q, backend) for q in qmodels])
+        share_constants(self.models)
+        self.active: int | None = None
+        self.codes = nn.ModuleList()
+        self._kernels: list[list[OneDNNKernel | IntMMKernel]] = []  # per shared code set, the K kernels using it
+        if pack == "all" or len(qmodels) == 1:
+            return
+        for name, layer in self.models[0].model.named_modules():
+            if not isinstance(layer, IntegerLayer):
+                continue
+            sources = [q.model.get_submodule(name) for q in qmodels]
+            for i in range(len(layer.kernels)):
+                codes = [weight_codes(s.weight_quantizers()[i], s.halves(s.weight.detach())[i]) for s in sources]
+                self.codes.append(SegmentCodes([(w8, offset) for w8, _, offset in codes]))
+                self._kernels.append([m.model.get_submodule(name).kernels[i] for m in self.models])
+        for kernels in self._kernels:
+            for kernel in kernels:
+                kernel.unload_weight()
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, k: int) -> IntegerUNet:
+        if self.pack == "active" and k != self.active:
+            self.activate(k)
+        return self.models[k]
+
+    def activate(self, k: int) -> None:
+        """Re-pack segment ``k``'s weights into its kernels and release the previous segment's."""
+        for codes, kernels in zip(self.codes, self._kernels):
+            if self.active is not None:
+                kernels[self.active].unload_weight()
+            kernels[k].load_weight(*codes.segment(k))
+        self.active = k
