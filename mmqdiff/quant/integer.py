@@ -22,8 +22,9 @@ quantized layers is computed as in the fake-quant model up to float32 rounding.
 
 Backends (maintained kernels only, chosen by measurement, see benchmarks/RESULTS.md):
 - ``onednn`` (CPU): convolutions through PyTorch's x86 ``onednn::qconv_pointwise`` with uint8 input and fp32
-  output (what PT2E's X86InductorQuantizer lowers to), weights prepacked once here; the small linear layers
-  through ``torch._int_mm`` (see :func:`kernel_class`).
+  output (what PT2E's X86InductorQuantizer lowers to), weights prepacked when built (``IntegerSegments`` re-packs
+  a segment's at a switch, see segment_runtime.py); the small linear layers through ``torch._int_mm`` (see
+  :func:`kernel_class`).
 - ``int_mm`` (CUDA, also runs on CPU): ``torch._int_mm`` on int8 codes; 3x3 convs through im2col. Not run on a GPU
   yet; on CPU it is exact but slow for convs (im2col), which is why CPU uses onednn.
 """
