@@ -1,7 +1,7 @@
 """The measurements behind the integer runtime's backend choices (``mmqdiff/quant/integer.py``), per op at the shapes
 of the embedded and CIFAR-10 models: fp32 vs onednn int8 vs ``torch._int_mm`` for convs, linears and the attention
-matmuls, and GroupNorm variants in the channels-last layout the int8 convs produce. Best of ``--repeats`` calls,
-interleaved; quantization of the input included where the runtime pays it.
+matmuls, the W8 offset correction's channel sum, and GroupNorm variants in the channels-last layout the int8 convs
+produce. Best of ``--repeats`` calls, interleaved; quantization of the input included where the runtime pays it.
 
     .venv/bin/python benchmarks/bench_int_kernels.py [--threads 1] [--repeats 20]
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mmqdiff.quant import UniformAffineQuantizer
 from mmqdiff.quant.integer import (ActivationCodes, ChannelsLastGroupNorm, IntMMKernel, OneDNNKernel,
-                                   integer_bmm)
+                                   centred_channel_sum, integer_bmm, ones_row)
 
 CONV = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
 
@@ -85,6 +85,13 @@ def main() -> None:
                 best_ms({"fp32 bmm": lambda: torch.bmm(q, k),
                          "exact fp32 bmm of levels": lambda: integer_bmm(qi, ki, 127),
                          "_int_mm per sample": lambda: integer_bmm(qi, ki, 2 ** 12)}, args.repeats))
+        for ch, size in [(32, 16), (64, 8), (96, 16), (128, 8)]:  # the W8 offset correction's channel sum
+            u = torch.randint(0, 256, (128, ch, size, size), dtype=torch.uint8).contiguous(
+                memory_format=torch.channels_last)
+            ones = ones_row(ch)
+            row(f"channel sum of uint8 codes, {ch} ch, {size}x{size}, batch 128",
+                best_ms({"fp32 rows": lambda: u.movedim(1, -1).reshape(-1, u.shape[1]).float().sum(1).sub_(128 * ch),
+                         "onednn GEMV (ours)": lambda: centred_channel_sum(u, 128, ones)}, args.repeats))
         for batch, ch, size in [(128, 32, 16), (128, 128, 16), (8, 128, 32), (8, 256, 16)]:
             gn = torch.nn.GroupNorm(32, ch, eps=1e-6)
             ours = ChannelsLastGroupNorm(32, ch, eps=1e-6)

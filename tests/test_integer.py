@@ -20,8 +20,8 @@ from mmqdiff.metrics import psnr
 from mmqdiff.quant import (AdaRoundQuantizer, IntegerSegments, IntegerUNet, IntegerUnsupported, QuantConfig,
                            QuantLayer, UniformAffineQuantizer, config_from_state, export_packed, load_packed,
                            quant_layers, quantize_model, resident_nbytes, set_rounding, share_constants, to_integer)
-from mmqdiff.quant.integer import (ActivationCodes, IntegerAttnBlock, IntegerLayer, box_sum, channel_sum, integer_bmm,
-                                   onednn_available, weight_codes)
+from mmqdiff.quant.integer import (ActivationCodes, IntegerAttnBlock, IntegerLayer, box_sum, centred_channel_sum,
+                                   integer_bmm, ones_row, onednn_available, weight_codes)
 
 from .conftest import ROOT, TINY
 
@@ -80,16 +80,18 @@ def inputs(model: torch.nn.Module, n: int, seed: int) -> tuple[torch.Tensor, tor
 @pytest.mark.parametrize("kernel,stride,padding", [((3, 3), [1, 1], [1, 1]), ((3, 3), [2, 2], [0, 0]),
                                                     ((3, 3), [2, 2], [1, 1]), ((1, 1), [1, 1], [0, 0]),
                                                     ((2, 3), [1, 2], [0, 1])])
+@needs_onednn
 def test_window_sums_equal_a_ones_convolution(kernel, stride, padding):
     g = torch.Generator().manual_seed(0)
     u = torch.randint(0, 256, (3, 5, 9, 8), generator=g, dtype=torch.uint8)
-    for codes in (u, u.contiguous(memory_format=torch.channels_last), u[:, 1:4]):
-        s = channel_sum(codes)
-        assert torch.equal(s, codes.sum(1, keepdim=True).float())
+    for codes, zero_point in ((u, 0), (u.contiguous(memory_format=torch.channels_last), 128), (u[:, 1:4], 77)):
+        s = centred_channel_sum(codes, zero_point, ones_row(codes.shape[1]))
+        assert torch.equal(s, (codes.double() - zero_point).sum(1, keepdim=True).float())
         ones = torch.ones((1, 1) + kernel)
         assert torch.equal(box_sum(s, kernel, stride, padding), torch.nn.functional.conv2d(s, ones, None, stride,
                                                                                            padding))
-    assert torch.equal(channel_sum(u[:, :, 0, 0]), u[:, :, 0, 0].sum(1, keepdim=True).float())  # linear inputs
+    linear = u[:, :, 0, 0]  # linear inputs [B, C]
+    assert torch.equal(centred_channel_sum(linear, 5, ones_row(5)), (linear.double() - 5).sum(1, keepdim=True).float())
 
 
 @pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (4, False), (6, True)])

@@ -105,6 +105,8 @@ class IntegerSegments(nn.Module):
         return len(self.models)
 
     def __getitem__(self, k: int) -> IntegerUNet:
+        if not 0 <= k < len(self.models):  # checked before any kernel is unloaded
+            raise IndexError(f"segment {k} of {len(self.models)}")
         if self.pack == "active" and k != self.active:
             self.activate(k)
         return self.models[k]
