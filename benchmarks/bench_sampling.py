@@ -83,8 +83,11 @@ def switch_seconds(segments: IntegerSegments, rounds: int = 3) -> float:
     best = float("inf")
     for _ in range(rounds):
         for k in range(len(segments)):
+            device = next(segments.buffers()).device
+            sync(device)
             start = time.perf_counter()
             segments.activate(k)
+            sync(device)
             best = min(best, time.perf_counter() - start)
     return best
 
@@ -146,7 +149,9 @@ def main() -> None:
     args = ap.parse_args()
     malloc = "glibc defaults" if args.glibc_malloc or not keep_freed_memory() else "freed memory kept"
     device = torch.device(args.device)
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
+    dev = (f"{torch.cuda.get_device_name(device)} (cuDNN TF32 convolutions {torch.backends.cudnn.allow_tf32}, "
+           f"TF32 matmuls {torch.backends.cuda.matmul.allow_tf32}: PyTorch's defaults)" if device.type == "cuda"
+           else f"{platform.machine()} CPU")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {dev}, torch {torch.__version__}, float32 eager, inference mode, best of "
           f"{args.repeats} interleaved, {args.clock} clock, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}, malloc: {malloc}; "

@@ -70,9 +70,11 @@ def cifar_w8():
 
 
 def inputs(model: torch.nn.Module, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (x, t) on the model's device (drawn on the CPU: the same values on every device)."""
     g = torch.Generator().manual_seed(seed)
     r = model.model.resolution if hasattr(model, "model") else model.resolution
-    return torch.randn(n, 3, r, r, generator=g), torch.randint(0, 1000, (n,), generator=g).float()
+    device = next(model.parameters()).device
+    return torch.randn(n, 3, r, r, generator=g).to(device), torch.randint(0, 1000, (n,), generator=g).float().to(device)
 
 
 # -- codes ---------------------------------------------------------------------------------------------------------
@@ -266,12 +268,15 @@ def first_divergence(q, im, x, t) -> tuple[str, torch.Tensor, torch.Tensor, torc
 @needs_onednn
 @pytest.mark.parametrize("model,weight_bits", [("embedded", 4), ("embedded", 8), ("cifar10", 8)])
 def test_noise_prediction_diverges_only_at_rounding_ties(request, embedded, trajectories, model, weight_bits):
+    check_divergence_only_at_rounding_ties(embedded_quantized(embedded, trajectories, weight_bits)
+                                           if model == "embedded" else request.getfixturevalue("cifar_w8"))
+
+
+def check_divergence_only_at_rounding_ties(q: torch.nn.Module, backend: str | None = None) -> None:
     """Outputs agree to float32 accumulation error unless an activation code differs; the first code that differs
     (in forward order) sits within float32 error of a rounding tie, where the fake-quant model itself rounds either
     way depending on summation order."""
-    q = (embedded_quantized(embedded, trajectories, weight_bits) if model == "embedded"
-         else request.getfixturevalue("cifar_w8"))
-    im = to_integer(q)
+    im = to_integer(q, backend)
     x, t = inputs(q, 2, seed=11)
     with torch.no_grad():
         fake_eps, int_eps = q(x, t), im(x, t)
@@ -289,14 +294,19 @@ def test_noise_prediction_diverges_only_at_rounding_ties(request, embedded, traj
 @pytest.mark.parametrize("weight_bits", [4, 8])
 @pytest.mark.parametrize("k", [1, 4])
 def test_images_after_100_quad_steps_match_fake_quant(embedded, trajectories, weight_bits, k):
+    check_images_match_fake_quant(embedded, trajectories, weight_bits, k)
+
+
+def check_images_match_fake_quant(embedded, trajectories, weight_bits: int, k: int) -> None:  # noqa: F811
     """Same noise, K segment models (activation ranges from each segment's own steps): integer vs fake-quant final
-    images at PSNR >= 40 dB. (Float32 summation order alone moves the fake-quant images by as much: activation codes
-    at rounding ties flip, and 100 steps carry that on.)"""
+    images at PSNR >= 40 dB, on the device of ``embedded``. (Float32 summation order alone moves the fake-quant
+    images by as much: activation codes at rounding ties flip, and 100 steps carry that on.)"""
     segments = timestep_segments(100, k)
     fakes = [embedded_quantized(embedded, trajectories, weight_bits, steps) for steps in segments]
     ints = [to_integer(q) for q in fakes]
-    seq, betas = timesteps(100, "quad"), linear_betas()
-    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    device = next(embedded.parameters()).device
+    seq, betas = timesteps(100, "quad"), linear_betas().to(device)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(device)
     with torch.inference_mode():
         a = ddim_sample(segment_switch(fakes, segment_of_step(segments)), x_T, seq, betas)
         b = ddim_sample(segment_switch(ints, segment_of_step(segments)), x_T, seq, betas)

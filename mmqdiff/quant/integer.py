@@ -236,7 +236,8 @@ class OneDNNKernel(nn.Module):
 class IntMMKernel(nn.Module):
     """One quantized conv/linear as ``torch._int_mm`` (int8 x int8 -> int32) on im2col patches of the int8 codes
     (codes minus 128, padded with the code of a real 0), then exact int32 corrections and one fp32 rescale. Shapes
-    are padded to what cuBLAS wants (K and N multiples of 8, M > 16)."""
+    are padded to what cuBLAS wants (K and N multiples of 8, M > 16), and the weight operand is column-major
+    (cuBLASLt's int8 GEMM supports only that "TN" layout)."""
 
     def __init__(self, codes: ActivationCodes, w8: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                  bias: torch.Tensor | None, conv_args: dict | None):
@@ -248,7 +249,7 @@ class IntMMKernel(nn.Module):
         self.channel_pad = next(p for p in range(8) if (c + p) * taps % 8 == 0)
         self.pad_code = codes.zero_point - 128  # int8 code of a real 0: padding contributes nothing
         self.register_buffer("scale", (scale * codes.scale).float())
-        self.register_buffer("bias", torch.zeros(o) if bias is None else bias.detach().float().clone())
+        self.register_buffer("bias", torch.zeros(o, device=w8.device) if bias is None else bias.detach().float().clone())
         for name in ("weight", "const", "offset"):  # set by load_weight
             self.register_buffer(name, None)
         self.load_weight(w8, offset)
@@ -261,7 +262,7 @@ class IntMMKernel(nn.Module):
         if self.offset_used:
             rows = torch.cat([rows, torch.ones_like(rows[:1])])
         rows = F.pad(rows, (0, 0, 0, -rows.shape[0] % 8))
-        self.weight = rows.t().contiguous()  # [K, N], row-major as cuBLAS needs
+        self.weight = rows.t()  # [K, N] column-major: a view of the contiguous [N, K] rows
         # sum_k (s_k - pad) * w_k = acc - pad * colsum(w); with offsets also + o * (sum_k s_k - K * pad)
         k = rows.shape[1]
         const = -self.pad_code * rows[:o].to(torch.int32).sum(1)
@@ -354,6 +355,7 @@ def integer_bmm(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
     a, b = a.to(torch.int8), b.to(torch.int8)
     if m <= 16 or k % 8 or n % 8:
         a, b = F.pad(a, (0, -k % 8, 0, max(0, 17 - m))), F.pad(b, (0, -n % 8, 0, -k % 8))
+    a, b = a.contiguous(), b.transpose(1, 2).contiguous().transpose(1, 2)  # row-major x column-major (IntMMKernel)
     out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=torch.int32, device=a.device)
     for i in range(a.shape[0]):
         torch._int_mm(a[i], b[i], out=out[i])

@@ -1,0 +1,86 @@
+"""The integer runtime's CUDA backend (``torch._int_mm``) on a GPU: the same exactness checks as the CPU tests in
+test_integer.py / test_segment_runtime.py, run on CUDA. Skipped without a GPU (CI has none); run them where one is:
+``pytest tests/test_cuda.py``.
+
+The fake-quant reference runs with TF32 off: cuDNN convolutions default to TF32 (10-bit mantissa), which would make
+the reference, not the integer runtime, the inexact side."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mmqdiff.diffusion import build_model
+from mmqdiff.quant import IntegerSegments, IntegerUnsupported, to_integer
+from mmqdiff.quant.integer import IntMMKernel
+
+from .conftest import ROOT
+from .test_integer import (check_divergence_only_at_rounding_ties, check_every_layer, check_images_match_fake_quant,
+                           embedded, embedded_quantized, inputs, quantized, trajectories)  # noqa: F401 (fixtures)
+from .test_segment_runtime import calibrated_segments
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def full_fp32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture(scope="module")
+def embedded_cuda(embedded):  # noqa: F811
+    return copy.deepcopy(embedded).to(CUDA)
+
+
+@pytest.fixture(scope="module")
+def trajectories_cuda(trajectories):  # noqa: F811
+    return tuple(t.to(CUDA) for t in trajectories)
+
+
+@pytest.mark.parametrize("weight_bits", [4, 8])
+def test_cuda_runtime_is_int_mm_and_every_layer_within_accumulation_bound(embedded_cuda, trajectories_cuda,
+                                                                          weight_bits):
+    q = embedded_quantized(embedded_cuda, trajectories_cuda, weight_bits)
+    im = to_integer(q)
+    assert im.backend == "int_mm" and all(isinstance(k, IntMMKernel) for k in im.kernels())
+    assert all(t.device.type == "cuda" for t in [*im.parameters(), *im.buffers()])
+    check_every_layer(q, "int_mm", n=2)
+    with pytest.raises(IntegerUnsupported, match="onednn backend runs on CPU"):
+        to_integer(q, "onednn")
+
+
+def test_cifar10_config_every_layer_within_accumulation_bound_cuda():
+    torch.manual_seed(0)
+    fp = build_model(ROOT / "configs/cifar10.yaml").eval().to(CUDA)
+    g = torch.Generator().manual_seed(0)
+    q = quantized(fp, 8, torch.randn(2, 3, 32, 32, generator=g).to(CUDA), torch.tensor([100.0, 700.0], device=CUDA))
+    check_every_layer(q, "int_mm", n=1)
+    check_divergence_only_at_rounding_ties(q)
+
+
+@pytest.mark.parametrize("weight_bits", [4, 8])
+def test_noise_prediction_diverges_only_at_rounding_ties_cuda(embedded_cuda, trajectories_cuda, weight_bits):
+    check_divergence_only_at_rounding_ties(embedded_quantized(embedded_cuda, trajectories_cuda, weight_bits))
+
+
+@pytest.mark.parametrize("weight_bits", [4, 8])
+@pytest.mark.parametrize("k", [1, 4])
+def test_images_after_100_quad_steps_match_fake_quant_cuda(embedded_cuda, trajectories_cuda, weight_bits, k):
+    check_images_match_fake_quant(embedded_cuda, trajectories_cuda, weight_bits, k)
+
+
+@pytest.mark.parametrize("weight_bits", [4, 8])
+def test_segments_on_cuda_equal_their_own_runtime(embedded_cuda, trajectories_cuda, weight_bits):
+    fakes = calibrated_segments(embedded_cuda, trajectories_cuda, weight_bits, 3)
+    alone = [to_integer(q) for q in fakes]
+    segments = IntegerSegments(fakes)
+    x, t = inputs(fakes[0], 2, seed=7)
+    with torch.inference_mode():
+        for k in (2, 0, 1, 2):
+            assert torch.equal(segments[k](x, t), alone[k](x, t))
+
