@@ -25,7 +25,8 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, print its status an
 
 env_report() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  "$py" -c 'import torch, lightning; print("torch", torch.__version__, "cuda", torch.version.cuda, "lightning", lightning.__version__, torch.cuda.get_device_name())'
+  "$py" -c 'import torch, lightning; print("torch", torch.__version__, "cuda", torch.version.cuda, "lightning",
+    lightning.__version__, torch.cuda.get_device_name())'
 }
 
 cli_run() {
@@ -34,10 +35,16 @@ cli_run() {
   "$py" cli.py fit --config configs/embedded/calibrate_k4.yaml "${gpu[@]}" --trainer.strategy auto \
     --model.init_args.recon.cali_iters 40 --model.init_args.recon.cali_iters_a 10 &&
   "$py" cli.py predict --config configs/embedded/sample.yaml "${gpu[@]}" --data.init_args.num_images 256 &&
-  "$py" cli.py predict --config configs/embedded/sample.yaml "${gpu[@]}" --data.init_args.num_images 256 \
-    --model.init_args.calibration_run outputs/embedded/calib_k4 --model.init_args.fp_samples outputs/embedded/samples_fp \
-    --data.init_args.output_dir outputs/embedded/samples_k4 --trainer.default_root_dir outputs/embedded/samples_k4 &&
-  for run in samples_fp samples_k4; do echo "$run:"; cat "outputs/embedded/$run/metrics.json"; echo; done
+  for runtime in auto int; do  # auto: fake-quant on a GPU
+    "$py" cli.py predict --config configs/embedded/sample.yaml "${gpu[@]}" --data.init_args.num_images 256 \
+      --model.init_args.calibration_run outputs/embedded/calib_k4 --model.init_args.runtime $runtime \
+      --model.init_args.fp_samples outputs/embedded/samples_fp --data.init_args.output_dir outputs/embedded/k4_$runtime \
+      --trainer.default_root_dir outputs/embedded/k4_$runtime || return
+  done
+  for run in samples_fp k4_auto k4_int; do
+    echo "$run:" && "$py" -c 'import json, sys; m = json.load(open(sys.argv[1])); print({k: m.get(k) for k in (
+      "runtime", "sampling_seconds_per_image", "fid", "fid_std", "psnr_vs_fp")})' "outputs/embedded/$run/metrics.json"
+  done
 }
 
 step env env_report
@@ -45,4 +52,4 @@ step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step sampling "$py" benchmarks/bench_sampling.py --device cuda --embedded-batch 256 --steps 50 \
   --cifar-batches 8 64 --cifar-steps 10 --repeats 2
 [ -n "${SKIP_KERNELS:-}" ] || step kernels "$py" benchmarks/bench_int_kernels.py --device cuda --repeats 20
-TAIL=60 step cli cli_run
+step cli cli_run

@@ -16,8 +16,11 @@ from mmqdiff.quant import IntegerSegments, IntegerUnsupported, to_integer
 from mmqdiff.quant.integer import IntMMKernel
 
 from .conftest import ROOT
+from mmqdiff.metrics import psnr
+
 from .test_integer import (check_divergence_only_at_rounding_ties, check_every_layer, check_images_match_fake_quant,
-                           embedded, embedded_quantized, inputs, quantized, trajectories)  # noqa: F401 (fixtures)
+                           embedded, embedded_quantized, inputs, quantized, sample, trajectories, write_run,
+                           write_tiny)  # noqa: F401 (fixtures)
 from .test_segment_runtime import calibrated_segments
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -84,3 +87,13 @@ def test_segments_on_cuda_equal_their_own_runtime(embedded_cuda, trajectories_cu
         for k in (2, 0, 1, 2):
             assert torch.equal(segments[k](x, t), alone[k](x, t))
 
+
+def test_sampler_on_gpu_auto_is_fake_and_int_still_runs(tmp_path, tiny_model):
+    """runtime "auto" picks fake-quant on a GPU (the int8 runtime measured slower there); "int" still runs it."""
+    write_tiny(tmp_path, tiny_model)
+    run = write_run(tmp_path, tiny_model, k=2, num_steps=4)
+    _, auto, auto_images = sample(tmp_path, run, "auto", "auto", accelerator="gpu")
+    sampler, forced, int_images = sample(tmp_path, run, "int", "int", accelerator="gpu")
+    assert auto["runtime"] == "fake" and forced["runtime"] == "int"
+    assert isinstance(sampler.segment_models, IntegerSegments)
+    assert psnr(auto_images, int_images) >= 40.0

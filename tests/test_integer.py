@@ -20,6 +20,7 @@ from mmqdiff.metrics import psnr
 from mmqdiff.quant import (AdaRoundQuantizer, IntegerSegments, IntegerUNet, IntegerUnsupported, QuantConfig,
                            QuantLayer, UniformAffineQuantizer, config_from_state, export_packed, load_packed,
                            quant_layers, quantize_model, resident_nbytes, set_rounding, share_constants, to_integer)
+from mmqdiff.quant import integer
 from mmqdiff.quant.integer import (ActivationCodes, IntegerAttnBlock, IntegerLayer, box_sum, centred_channel_sum,
                                    integer_bmm, ones_row, onednn_available, weight_codes)
 
@@ -249,6 +250,17 @@ def test_attention_matmuls_within_accumulation_bound(embedded, trajectories):
         assert bool(((got - expected.double()).abs() <= bound.reshape(b, c, hh, ww)).all())
 
 
+@pytest.mark.parametrize("rows", [20, 40, 37, 5])  # exact blocks; a last block of 17; of <= 16 rows; no blocking
+def test_int_mm_in_row_blocks_equals_one_product(monkeypatch, rows):
+    """cuBLASLt refuses some tall int8 products (``int_mm_rows``): the blocked product is the same integers."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (rows, 64), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (40, 64), generator=g, dtype=torch.int8).t()
+    whole = a.int() @ b.int()
+    monkeypatch.setattr(integer, "INT_MM_MAX_ROWS", 20)
+    assert torch.equal(integer.int_mm_rows(a, b), whole)
+
+
 # -- whole network ---------------------------------------------------------------------------------------------------
 
 def first_divergence(q, im, x, t) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -415,11 +427,11 @@ def write_run(tmp_path, fp: torch.nn.Module, k: int, num_steps: int, quant_act: 
     return run
 
 
-def sample(tmp_path, run, runtime: str, name: str, pack: str = "active"):
+def sample(tmp_path, run, runtime: str, name: str, pack: str = "active", accelerator: str = "cpu"):
     out = tmp_path / name
     sampler = MultiModelSampler(str(tmp_path / "tiny.yaml"), str(tmp_path / "tiny.pt"), calibration_run=run,
                                 num_steps=4, real_source=None, runtime=runtime, pack=pack)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
                         callbacks=[SampleWriter()], default_root_dir=out)
     trainer.predict(sampler, datamodule=SampleIndices(3, 3, str(out)), return_predictions=False)
     return sampler, json.loads((out / "metrics.json").read_text()), load_samples(out)[0]
@@ -445,6 +457,8 @@ def test_sampler_runs_the_integer_runtime_and_records_time(tmp_path, tiny_model)
     assert shared and all(t.is_floating_point() for t in shared)  # equal constants once; integer codes never
     _, all_metrics, all_images = sample(tmp_path, run, "int", "int_all", pack="all")  # every segment packed
     assert all_metrics["runtime"] == "int" and torch.equal(all_images, int_images)
+    _, auto_metrics, auto_images = sample(tmp_path, run, "auto", "auto")  # the default: int on CPU
+    assert auto_metrics["runtime"] == "int" and torch.equal(auto_images, int_images)
     _, fp_metrics, _ = sample(tmp_path, None, "int", "fp")
     assert fp_metrics["runtime"] == "fp"
     for metrics in (int_metrics, fake_metrics, fp_metrics):

@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ..data import segment_of_step
@@ -32,7 +32,10 @@ from ..metrics import InceptionExtractor, embedded_extractor, psnr_per_image, sc
 from ..quant import IntegerSegments, IntegerUnsupported
 from ..quant.segment_runtime import PACK_MODES
 
-RUNTIMES = ("int", "fake")
+RUNTIMES = ("auto", "int", "fake")
+# what "auto" picks per device type, by benchmarks/bench_sampling.py (benchmarks/RESULTS.md): on the 2-core CPU the
+# int8 runtime took 0.4-0.7x FP's time; on an H200, where these models are launch-bound, 2.6-3.4x (fake-quant 1.7-1.9x)
+AUTO_RUNTIME = {"cpu": "int"}
 
 
 class MultiModelSampler(L.LightningModule):
@@ -43,7 +46,7 @@ class MultiModelSampler(L.LightningModule):
                  real_source: str | None = "synthetic", feature_extractor: str | None = None,
                  inception_weights: str | None = None, num_real: int = 5000, kid_subset_size: int = 1000,
                  fp_samples: str | None = None, metric_cache: str = "outputs/metric_cache", score_chunks: int = 1,
-                 runtime: str = "int", pack: str = "active"):
+                 runtime: str = "auto", pack: str = "active"):
         """``real_source`` ("synthetic", a ``cifar-10-batches-py`` folder or a PNG folder; None skips scoring) is
         scored with ``feature_extractor`` (the embedded classifier) or ``inception_weights`` (a local torch-fidelity
         Inception file); ``fp_samples`` is an FP sampling run's folder for PSNR on identical noise.
@@ -53,7 +56,8 @@ class MultiModelSampler(L.LightningModule):
         their spread; see ``metrics.chunk_spread``).
         ``runtime``: "int" runs the segment models' convs/linears as int8 kernels (``mmqdiff.quant.to_integer``,
         packed when prediction starts), falling back to "fake" with one warning where the backend cannot;
-        "fake" simulates quantization in fp32. FP runs ignore it.
+        "fake" simulates quantization in fp32; "auto" is "int" on CPU and "fake" on a GPU, where the int8 runtime
+        measured slower than both (:data:`AUTO_RUNTIME`; one log line says so). FP runs ignore it.
         ``pack`` (integer runtime): "active" keeps one shared set of weight codes plus each segment's rounding bits
         and packs the segment in use at each switch (resident bytes below FP's); "all" keeps every segment packed
         (no re-packing; K int8 weight sets resident). See ``mmqdiff.quant.IntegerSegments``."""
@@ -90,6 +94,11 @@ class MultiModelSampler(L.LightningModule):
 
     def on_predict_start(self) -> None:
         """Build the integer runtime once, on the device Lightning moved the models to."""
+        if self.runtime == "auto":
+            self.runtime = AUTO_RUNTIME.get(self.device.type, "fake")
+            if self.runtime == "fake":
+                rank_zero_info(f"runtime 'auto' on {self.device.type}: 'fake' (on a GPU the int8 runtime measured "
+                               f"slower than fake-quant, benchmarks/RESULTS.md; runtime: int runs it anyway)")
         if self.runtime != "int":
             return
         probe = torch.zeros(1, *self.image_shape, device=self.device), torch.full((1,), 500.0, device=self.device)

@@ -249,7 +249,8 @@ class IntMMKernel(nn.Module):
         self.channel_pad = next(p for p in range(8) if (c + p) * taps % 8 == 0)
         self.pad_code = codes.zero_point - 128  # int8 code of a real 0: padding contributes nothing
         self.register_buffer("scale", (scale * codes.scale).float())
-        self.register_buffer("bias", torch.zeros(o, device=w8.device) if bias is None else bias.detach().float().clone())
+        self.register_buffer("bias", torch.zeros(o, device=w8.device) if bias is None
+                             else bias.detach().float().clone())
         for name in ("weight", "const", "offset"):  # set by load_weight
             self.register_buffer(name, None)
         self.load_weight(w8, offset)
@@ -288,7 +289,7 @@ class IntMMKernel(nn.Module):
         m = cols.shape[0]
         if m <= 16:
             cols = F.pad(cols, (0, 0, 0, 17 - m))
-        acc = torch._int_mm(cols.contiguous(), self.weight)[:m]
+        acc = int_mm_rows(cols.contiguous(), self.weight)[:m]
         o = self.out_channels
         total = acc[:, :o] + self.const
         if self.offset_used:
@@ -299,6 +300,26 @@ class IntMMKernel(nn.Module):
     @property
     def code_nbytes(self) -> int:
         return 0 if self.weight is None else self.weight.numel()
+
+
+INT_MM_MAX_ROWS = 32768
+
+
+def int_mm_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm(a, b)`` in blocks of at most :data:`INT_MM_MAX_ROWS` rows of ``a``: on an H200 (torch 2.11,
+    CUDA 13) cuBLASLt refused 65535+ rows with N=40 (CUBLAS_STATUS_NOT_SUPPORTED) while 32768 ran, and N=40 is the
+    W8 shape of a 32-channel layer (its offset column, padded to 8). A block that short of the limit keeps a full GPU
+    busy; the blocks write into one output."""
+    if a.shape[0] <= INT_MM_MAX_ROWS:
+        return torch._int_mm(a, b)
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    for start in range(0, a.shape[0], INT_MM_MAX_ROWS):
+        block = a[start:start + INT_MM_MAX_ROWS]
+        if block.shape[0] <= 16:  # the last block: _int_mm needs more than 16 rows
+            out[start:] = torch._int_mm(F.pad(block, (0, 0, 0, 17 - block.shape[0])), b)[:block.shape[0]]
+        else:
+            torch._int_mm(block, b, out=out[start:start + block.shape[0]])
+    return out
 
 
 def kernel_class(backend: str, conv: bool) -> type[OneDNNKernel] | type[IntMMKernel]:
