@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from mmqdiff.diffusion import build_model
+from mmqdiff.metrics import psnr
 from mmqdiff.quant import IntegerSegments, IntegerUnsupported, to_integer
 from mmqdiff.quant.integer import IntMMKernel
 
 from .conftest import ROOT
-from mmqdiff.metrics import psnr
-
 from .test_integer import (check_divergence_only_at_rounding_ties, check_every_layer, check_images_match_fake_quant,
                            embedded, embedded_quantized, inputs, quantized, sample, trajectories, write_run,
                            write_tiny)  # noqa: F401 (fixtures)

@@ -308,8 +308,8 @@ INT_MM_MAX_ROWS = 32768
 def int_mm_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch._int_mm(a, b)`` in blocks of at most :data:`INT_MM_MAX_ROWS` rows of ``a``: on an H200 (torch 2.11,
     CUDA 13) cuBLASLt refused 65535+ rows with N=40 (CUBLAS_STATUS_NOT_SUPPORTED) while 32768 ran, and N=40 is the
-    W8 shape of a 32-channel layer (its offset column, padded to 8). A block that short of the limit keeps a full GPU
-    busy; the blocks write into one output."""
+    W8 shape of a 32-channel layer (its offset column, padded to 8). 32768 rows per product still fill a GPU; the
+    blocks write into one output."""
     if a.shape[0] <= INT_MM_MAX_ROWS:
         return torch._int_mm(a, b)
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
