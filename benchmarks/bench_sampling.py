@@ -3,7 +3,8 @@ weights as the reference, and the symmetric-weight option); plus the resident by
 and the cost of a segment switch.
 
 For each model and bit width the runs are timed interleaved in one process (best of ``--repeats``) next to their own
-FP run, so every ratio compares like with like on a machine that other jobs load. K segment models are K
+FP run, so every ratio compares like with like on a machine that other jobs load; the last column is the spread of
+the ratio over the rounds, each round's run against that round's FP run. K segment models are K
 independently quantized copies (nearest rounding, activation ranges from one random batch; calibrated values do not
 change speed; their weight levels share one base, as a run's segments do); K=1 uses the first of them. "int K=4"
 keeps all four segments packed (``IntegerSegments(pack="all")``), "int K=4 pack=active" (the sampler's default)
@@ -59,12 +60,13 @@ def sync(device: torch.device) -> None:
 
 
 def time_runs(runs: dict[str, list[torch.nn.Module]], x_T: torch.Tensor, steps: int, repeats: int,
-              clock=time.perf_counter) -> dict[str, float]:
-    """Best seconds (``clock``) of one DDIM sampling of ``x_T`` per run, the runs interleaved ``repeats`` times."""
+              clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds (``clock``) of one DDIM sampling of ``x_T`` per run and round, the runs interleaved ``repeats``
+    times (round r of every run ran back to back: paired)."""
     seq, betas = timesteps(steps, "quad"), linear_betas().to(x_T.device)
     switches = {name: segment_switch(models, segment_of_step(timestep_segments(steps, len(models))))
                 for name, models in runs.items()}
-    best = {name: float("inf") for name in runs}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for switch in switches.values():  # warm-up (onednn primitive creation, allocator)
             ddim_sample(switch, x_T, seq[:2], betas)
@@ -74,8 +76,15 @@ def time_runs(runs: dict[str, list[torch.nn.Module]], x_T: torch.Tensor, steps: 
                 start = clock()
                 ddim_sample(switch, x_T, seq, betas)
                 sync(x_T.device)
-                best[name] = min(best[name], clock() - start)
-    return best
+                seconds[name].append(clock() - start)
+    return seconds
+
+
+def ratio_range(seconds: list[float], fp: list[float]) -> str:
+    """Lowest and highest time-vs-FP over the rounds, each against the FP run of its own round: the spread of the
+    ratio that the best-of column summarises."""
+    ratios = [s / f for s, f in zip(seconds, fp)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 def switch_seconds(segments: IntegerSegments, rounds: int = 3) -> float:
@@ -105,11 +114,12 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
                 f"{name} int K=1": every.models[:1], f"{name} int K=4": every, f"{name} int K=4 pack=active": active}
         for threads in [] if args.bytes_only else args.threads:
             torch.set_num_threads(threads)
-            best = time_runs(runs, x_T, steps, args.repeats, CLOCKS[args.clock])
+            seconds = time_runs(runs, x_T, steps, args.repeats, CLOCKS[args.clock])
+            best = {run: min(secs) for run, secs in seconds.items()}
             for run, sec in best.items():
                 forwards = steps * batch
                 print(f"| {label} | {batch} | {threads} | {steps} | {run} | {sec:.2f} | {1e3 * sec / forwards:.2f} | "
-                      f"{sec / best['FP']:.2f} |", flush=True)
+                      f"{sec / best['FP']:.2f} | {ratio_range(seconds[run], seconds['FP'])} |", flush=True)
             switch = switch_seconds(active)
             per_step = best[f"{name} int K=4"] / steps
             notes.append(f"{label}, batch {batch}, {threads} threads, {name}: one segment switch (pack=active) "
@@ -156,8 +166,9 @@ def main() -> None:
     print(f"device {dev}, torch {torch.__version__}, float32 eager, inference mode, best of "
           f"{args.repeats} interleaved, {args.clock} clock, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '-')}, malloc: {malloc}; "
           f"load average at start {load:.1f}\n")
-    print("| model | batch | threads | steps | run | s per sampling | ms per image-step | time vs FP |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | batch | threads | steps | run | s per sampling | ms per image-step | time vs FP (best of each) | "
+          "time vs FP, per round (lowest-highest) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     if args.only in (None, "embedded"):
         fp = load_checkpoint(build_model("configs/embedded.yaml"), args.checkpoint).eval().to(device)
         bench_model("embedded 16x16", fp, args.embedded_batch, args.steps, args, device)
