@@ -25,8 +25,10 @@ Backends (maintained kernels only, chosen by measurement, see benchmarks/RESULTS
   output (what PT2E's X86InductorQuantizer lowers to), weights prepacked when built (``IntegerSegments`` re-packs
   a segment's at a switch, see segment_runtime.py); the small linear layers through ``torch._int_mm`` (see
   :func:`kernel_class`).
-- ``int_mm`` (CUDA, also runs on CPU): ``torch._int_mm`` on int8 codes; 3x3 convs through im2col. Not run on a GPU
-  yet; on CPU it is exact but slow for convs (im2col), which is why CPU uses onednn.
+- ``int_mm`` (CUDA, also runs on CPU): ``torch._int_mm`` on int8 codes; 3x3 convs through im2col. Exact on an H200
+  (tests/test_cuda.py), but slower than fp32 cuDNN there at these model sizes, where the GPU waits on kernel
+  launches: the sampler's ``runtime: auto`` uses fake-quant on a GPU. On CPU it is exact but slow for convs
+  (im2col), which is why CPU uses onednn.
 """
 from __future__ import annotations
 
