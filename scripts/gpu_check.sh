@@ -3,7 +3,8 @@
 #   1. tests/test_cuda.py: the integer runtime's CUDA backend exact to fake-quant, as the CPU tests check onednn;
 #   2. benchmarks/bench_sampling.py --device cuda: FP vs fake-quant vs integer sampling, K=1 and K=4;
 #   3. benchmarks/bench_int_kernels.py --device cuda: the 3x3 conv candidates of the CUDA backend;
-#   4. calibration data, a short K=4 calibration and FP + K=4 integer sampling through cli.py on the GPU.
+#   4. calibration data, a short K=4 calibration and FP + K=4 integer sampling through cli.py on the GPU (into
+#      outputs/embedded, which must not exist yet: the stages refuse to overwrite a finished file, and resume a run).
 # Each step's log goes to $OUT (or outputs/gpu_check); a step that fails does not stop the next. On a machine without
 # this project's environment, put jsonargparse, docstring_parser, typeshed_client and torch_fidelity on PYTHONPATH.
 #   bash scripts/gpu_check.sh [python]
