@@ -89,10 +89,9 @@ def ratio_range(seconds: list[float], fp: list[float]) -> str:
 
 def switch_seconds(segments: IntegerSegments, rounds: int = 3) -> float:
     """Best seconds of one segment switch (re-packing a segment's weights from the shared codes)."""
-    best = float("inf")
+    best, device = float("inf"), next(segments.buffers()).device
     for _ in range(rounds):
         for k in range(len(segments)):
-            device = next(segments.buffers()).device
             sync(device)
             start = time.perf_counter()
             segments.activate(k)

@@ -250,7 +250,7 @@ def test_attention_matmuls_within_accumulation_bound(embedded, trajectories):
         assert bool(((got - expected.double()).abs() <= bound.reshape(b, c, hh, ww)).all())
 
 
-@pytest.mark.parametrize("rows", [20, 40, 37, 5])  # exact blocks; a last block of 17; of <= 16 rows; no blocking
+@pytest.mark.parametrize("rows", [20, 40, 37, 5])  # one block; two equal; two unequal; below the limit
 def test_int_mm_in_row_blocks_equals_one_product(monkeypatch, rows):
     """cuBLASLt refuses some tall int8 products (``int_mm_rows``): the blocked product is the same integers."""
     g = torch.Generator().manual_seed(0)

@@ -310,17 +310,14 @@ INT_MM_MAX_ROWS = 32768
 def int_mm_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch._int_mm(a, b)`` in blocks of at most :data:`INT_MM_MAX_ROWS` rows of ``a``: on an H200 (torch 2.11,
     CUDA 13) cuBLASLt refused 65535+ rows with N=40 (CUBLAS_STATUS_NOT_SUPPORTED) while 32768 ran, and N=40 is the
-    W8 shape of a 32-channel layer (its offset column, padded to 8). 32768 rows per product still fill a GPU; the
-    blocks write into one output."""
-    if a.shape[0] <= INT_MM_MAX_ROWS:
+    W8 shape of a 32-channel layer (its offset column, padded to 8). 32768 rows per product still fill a GPU. The
+    blocks are equal (so none is short of the 17 rows ``_int_mm`` needs) and write into one output."""
+    blocks = -(-a.shape[0] // INT_MM_MAX_ROWS)
+    if blocks == 1:
         return torch._int_mm(a, b)
     out = torch.empty(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
-    for start in range(0, a.shape[0], INT_MM_MAX_ROWS):
-        block = a[start:start + INT_MM_MAX_ROWS]
-        if block.shape[0] <= 16:  # the last block: _int_mm needs more than 16 rows
-            out[start:] = torch._int_mm(F.pad(block, (0, 0, 0, 17 - block.shape[0])), b)[:block.shape[0]]
-        else:
-            torch._int_mm(block, b, out=out[start:start + block.shape[0]])
+    for rows, dst in zip(a.tensor_split(blocks), out.tensor_split(blocks)):
+        torch._int_mm(rows, b, out=dst)
     return out
 
 
