@@ -284,11 +284,11 @@ def test_noise_prediction_diverges_only_at_rounding_ties(request, embedded, traj
                                            if model == "embedded" else request.getfixturevalue("cifar_w8"))
 
 
-def check_divergence_only_at_rounding_ties(q: torch.nn.Module, backend: str | None = None) -> None:
+def check_divergence_only_at_rounding_ties(q: torch.nn.Module) -> None:
     """Outputs agree to float32 accumulation error unless an activation code differs; the first code that differs
     (in forward order) sits within float32 error of a rounding tie, where the fake-quant model itself rounds either
     way depending on summation order."""
-    im = to_integer(q, backend)
+    im = to_integer(q)
     x, t = inputs(q, 2, seed=11)
     with torch.no_grad():
         fake_eps, int_eps = q(x, t), im(x, t)
