@@ -14,7 +14,7 @@ import torch
 from mmqdiff.diffusion import build_model
 from mmqdiff.metrics import psnr
 from mmqdiff.quant import IntegerSegments, IntegerUnsupported, to_integer
-from mmqdiff.quant.integer import IntMMKernel
+from mmqdiff.quant.integer import IntMMKernel, int_mm_rows
 
 from .conftest import ROOT
 from .test_integer import (check_divergence_only_at_rounding_ties, check_every_layer, check_images_match_fake_quant,
@@ -96,3 +96,13 @@ def test_sampler_on_gpu_auto_is_fake_and_int_still_runs(tmp_path, tiny_model):
     assert auto["runtime"] == "fake" and forced["runtime"] == "int"
     assert isinstance(sampler.segment_models, IntegerSegments)
     assert psnr(auto_images, int_images) >= 40.0
+
+
+def test_tall_int8_product_runs_in_row_blocks_and_is_exact():
+    """65536 rows x 40 columns: cuBLASLt refused this shape in one product on an H200; ``int_mm_rows`` computes it in
+    blocks, and every entry equals the float64 product (integers far below 2^53)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (65536, 64), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (40, 64), generator=g, dtype=torch.int8).t()  # column-major, as the kernels pass it
+    got = int_mm_rows(a.to(CUDA), b.to(CUDA))
+    assert torch.equal(got.cpu().double(), a.double() @ b.double())
