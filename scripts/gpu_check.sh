@@ -2,8 +2,9 @@
 # The GPU checks, one short script for a CUDA machine (none of them runs in CI, which has no GPU):
 #   1. tests/test_cuda.py: the integer runtime's CUDA backend exact to fake-quant, as the CPU tests check onednn;
 #   2. benchmarks/bench_sampling.py --device cuda: FP vs fake-quant vs integer sampling, K=1 and K=4;
-#   3. benchmarks/bench_int_kernels.py --device cuda: the 3x3 conv candidates of the CUDA backend;
-#   4. calibration data, a short K=4 calibration and FP + K=4 integer sampling through cli.py on the GPU (into
+#   3. benchmarks/bench_cuda_graphs.py: the same models with each forward replayed from a CUDA graph;
+#   4. benchmarks/bench_int_kernels.py --device cuda: the 3x3 conv candidates of the CUDA backend;
+#   5. calibration data, a short K=4 calibration and FP + K=4 integer sampling through cli.py on the GPU (into
 #      outputs/embedded, which must not exist yet: the stages refuse to overwrite a finished file, and resume a run).
 # Each step's log goes to $OUT (or outputs/gpu_check); a step that fails does not stop the next. On a machine without
 # this project's environment, put jsonargparse, docstring_parser, typeshed_client and torch_fidelity on PYTHONPATH.
@@ -52,5 +53,6 @@ step env env_report
 step tests "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step sampling "$py" benchmarks/bench_sampling.py --device cuda --embedded-batch 256 --steps 50 \
   --cifar-batches 8 64 --cifar-steps 10 --repeats 2
+step graphs "$py" benchmarks/bench_cuda_graphs.py --embedded-batch 256 --cifar-batches 64 256
 [ -n "${SKIP_KERNELS:-}" ] || step kernels "$py" benchmarks/bench_int_kernels.py --device cuda --repeats 20
 step cli cli_run
