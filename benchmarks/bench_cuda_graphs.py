@@ -10,12 +10,13 @@ what each path costs once launches are free. GPU only:
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench_int_kernels import best_ms
 from bench_sampling import CONFIGS, quantized_copies
 from mmqdiff.diffusion import build_model, load_checkpoint
 from mmqdiff.quant import to_integer
@@ -45,28 +46,9 @@ def graphed(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> Forward
     return forward
 
 
-def ms_per_call(forward: Forward, x: torch.Tensor, t: torch.Tensor, repeats: int) -> float:
-    for _ in range(3):
-        forward(x, t)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        forward(x, t)
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - start) / repeats
-
-
-def timed(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, repeats: int) -> tuple[float, float | str, bool]:
-    """(eager ms, graph ms or why the capture failed, whether the replay equals the eager output)."""
-    eager = ms_per_call(model, x, t, repeats)
-    try:
-        forward = graphed(model, x, t)
-        return eager, ms_per_call(forward, x, t, repeats), torch.equal(forward(x, t), model(x, t))
-    except RuntimeError as err:  # a forward that cannot be captured
-        return eager, f"capture failed: {str(err).splitlines()[0][:80]}", False
-
-
 def bench(label: str, fp: torch.nn.Module, batch: int, repeats: int) -> None:
+    """Every run eager and graphed, all interleaved in ``best_ms`` rounds; a forward that cannot be captured is
+    reported with the reason."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn((batch, fp.in_channels, fp.resolution, fp.resolution), generator=g).cuda()
     t = torch.full((batch,), 500.0, device="cuda")
@@ -74,16 +56,26 @@ def bench(label: str, fp: torch.nn.Module, batch: int, repeats: int) -> None:
     for name in ("W4A8", "W8A8"):
         fake = quantized_copies(fp, 1, CONFIGS[name], x[:16])[0]
         models[f"{name} fake"], models[f"{name} int"] = fake, to_integer(fake)
-    times = {}
+    fns: dict[str, Callable[[], object]] = {}
+    graph_note: dict[str, str] = {}
     with torch.inference_mode():
         for run, model in models.items():
-            times[run] = timed(model, x, t, repeats)
-    fp_eager, fp_graph = times["FP"][0], times["FP"][1]
-    for run, (eager, graph, same) in times.items():
-        vs_fp_graph = f"{graph / fp_graph:.2f}" if isinstance(graph, float) and isinstance(fp_graph, float) else ""
-        graph_cols = (f"{graph:.3f} | {graph / fp_eager:.2f} | {vs_fp_graph} | {same}" if isinstance(graph, float)
-                      else f"{graph} | | | ")
-        print(f"| {label} | {batch} | {run} | {eager:.3f} | {eager / fp_eager:.2f} | {graph_cols} |", flush=True)
+            fns[f"{run} eager"] = functools.partial(model, x, t)
+            try:
+                forward = graphed(model, x, t)
+            except RuntimeError as err:
+                graph_note[run] = f"capture failed: {str(err).splitlines()[0][:80]}"
+                continue
+            fns[f"{run} graph"] = functools.partial(forward, x, t)
+            graph_note[run] = str(torch.equal(forward(x, t), model(x, t)))
+        ms = best_ms(fns, repeats)
+    fp_eager, fp_graph = ms["FP eager"], ms.get("FP graph")
+    for run in models:
+        eager, graph = ms[f"{run} eager"], ms.get(f"{run} graph")
+        graph_cols = (f"{graph:.3f} | {graph / fp_eager:.2f} | {graph / fp_graph:.2f}" if graph and fp_graph
+                      else f"{graph or '-'} | | ")
+        print(f"| {label} | {batch} | {run} | {eager:.3f} | {eager / fp_eager:.2f} | {graph_cols} | "
+              f"{graph_note[run]} |", flush=True)
 
 
 def main() -> None:
@@ -97,7 +89,7 @@ def main() -> None:
         raise SystemExit("bench_cuda_graphs.py needs a CUDA GPU")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, PyTorch's TF32 defaults (cuDNN "
           f"{torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}), inference mode, "
-          f"ms per model call, mean of {args.repeats}; 'same' = graph output equal to eager\n")
+          f"ms per model call, best of {args.repeats} interleaved; 'same' = graph output equal to eager\n")
     print("| model | batch | run | eager ms | eager vs FP eager | graph ms | graph vs FP eager | graph vs FP graph "
           "| same |\n|---|---|---|---|---|---|---|---|---|")
     fp = load_checkpoint(build_model(ROOT / "configs" / "embedded.yaml"), args.checkpoint).eval().cuda()
