@@ -30,7 +30,8 @@ def calibrated_segments(embedded, trajectories, weight_bits: int, k: int) -> lis
         q = embedded_quantized(embedded, trajectories, weight_bits, steps)
         for a in q.modules():
             if isinstance(a, AdaRoundQuantizer):
-                a.alpha.data = torch.randn(a.alpha.shape, generator=torch.Generator().manual_seed(10 + s)).to(a.alpha.device)
+                g = torch.Generator().manual_seed(10 + s)
+                a.alpha.data = torch.randn(a.alpha.shape, generator=g).to(a.alpha.device)
         set_rounding(q, "hard")
         models.append(q)
     return models
