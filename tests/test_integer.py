@@ -115,6 +115,24 @@ def test_activation_codes_are_the_fake_quantizer_levels(bits, symmetric):
     assert torch.equal(codes.uint8(y, inplace=True), u)  # the in-place variant gives the same codes
 
 
+def test_codes_of_a_strided_half_take_no_copy_and_equal_the_levels():
+    """A split shortcut quantizes each channel half of a channels-last ``cat``: strided views. Asked to work in
+    place there, the division writes a new dense tensor, so nothing is copied (``quantize_per_tensor`` copies a
+    strided input), and the codes are still the fake quantizer's levels."""
+    q = UniformAffineQuantizer(8, symmetric=True)
+    g = torch.Generator().manual_seed(3)
+    q.init_from(torch.randn(1000, generator=g))
+    codes = ActivationCodes(q)
+    x = torch.randn(2, 12, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    for half in (x[:, :8], x[:, 8:]):
+        expected = q(half)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            u = codes.uint8(half, inplace=True)
+        assert not {e.name for e in prof.events()} & {"aten::clone", "aten::copy_", "aten::contiguous"}
+        assert u.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal((u.float() - codes.zero_point) * q.delta.detach(), expected)
+
+
 def test_w8_weight_offsets_are_exact():
     """Asymmetric 8-bit weights: ``q - zp`` reaches +-255; each channel is stored in int8 with an integer offset."""
     w = torch.randn(6, 5, 3, 3)

@@ -90,8 +90,11 @@ class ActivationCodes(nn.Module):
     def uint8(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Codes as uint8 in one vectorised pass after the division: ``quantize_per_tensor`` with scale 1 rounds half
         to even before adding the zero point, i.e. exactly ``clamp(round(x/delta) + zp)``. ``inplace`` divides ``x``
-        itself (for temporaries: saves allocating a second fp32 tensor)."""
-        y = x.div_(self.delta) if inplace else x / self.delta
+        itself (for temporaries: saves allocating a second fp32 tensor) when ``x`` is dense; a strided view (a split
+        shortcut's half of the ``cat``) is divided into a new dense tensor instead, since ``quantize_per_tensor``
+        would copy it to a dense one first (one fp32 pass fewer, about 1.5% of a W8A8 forward)."""
+        dense = x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
+        y = x.div_(self.delta) if inplace and dense else x / self.delta
         if not self.full_range:
             y.clamp_(self.lo, self.hi)  # integer bounds: clamping before rounding equals clamping after
         with warnings.catch_warnings():
