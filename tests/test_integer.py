@@ -21,8 +21,8 @@ from mmqdiff.quant import (AdaRoundQuantizer, IntegerSegments, IntegerUNet, Inte
                            QuantLayer, UniformAffineQuantizer, config_from_state, export_packed, load_packed,
                            quant_layers, quantize_model, resident_nbytes, set_rounding, share_constants, to_integer)
 from mmqdiff.quant import integer
-from mmqdiff.quant.integer import (ActivationCodes, IntegerAttnBlock, IntegerLayer, box_sum, centred_channel_sum,
-                                   integer_bmm, ones_row, onednn_available, weight_codes)
+from mmqdiff.quant.integer import (ActivationCodes, ChannelsLastGroupNorm, IntegerAttnBlock, IntegerLayer, box_sum,
+                                   centred_channel_sum, integer_bmm, ones_row, onednn_available, weight_codes)
 
 from .conftest import ROOT, TINY
 
@@ -113,6 +113,39 @@ def test_activation_codes_are_the_fake_quantizer_levels(bits, symmetric):
     assert torch.equal((codes.int8(x).float() + 128 - codes.zero_point) * delta, expected)
     y = x.clone()
     assert torch.equal(codes.uint8(y, inplace=True), u)  # the in-place variant gives the same codes
+
+
+@pytest.mark.parametrize("channels,groups", [(8, 8), (12, 4), (32, 16)])  # 1, 3 and 2 channels per group
+@pytest.mark.parametrize("inplace", [False, True])
+def test_channels_last_group_norm_equals_float64_group_norm(channels, groups, inplace):
+    """Against GroupNorm in float64, on channels whose means are several times their spread. The output is
+    ``x * scale + shift`` as in PyTorch's own kernel, so its float32 error scales with ``|x * scale| + |shift|``
+    (cancellation), not with the output; in place, the output is written into the input."""
+    g = torch.Generator().manual_seed(channels)
+    norm = ChannelsLastGroupNorm(groups, channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0, generator=g)
+        norm.bias.normal_(generator=g)
+    x = (torch.randn(3, channels, 6, 5, generator=g) + 4 * torch.randn(1, channels, 1, 1, generator=g))
+    x = x.contiguous(memory_format=torch.channels_last)
+    x64 = x.double().reshape(3, groups, -1)
+    mean, var = x64.mean(2, keepdim=True), x64.var(2, correction=0, keepdim=True)
+    expected = ((x64 - mean) / (var + norm.eps).sqrt()).reshape(x.shape) * norm.weight.double().view(1, -1, 1, 1) \
+        + norm.bias.double().view(1, -1, 1, 1)
+    scale = ((var + norm.eps).rsqrt().expand(3, groups, channels // groups).reshape(3, channels, 1, 1)
+             * norm.weight.double().view(1, -1, 1, 1))
+    shift = norm.bias.double().view(1, -1, 1, 1) - mean.expand(3, groups, channels // groups).reshape(3, channels, 1,
+                                                                                                        1) * scale
+    bound = 16 * U * ((x.double() * scale).abs() + shift.abs() + expected.abs())
+    with torch.no_grad():
+        got = norm(x.clone() if inplace else x, inplace=inplace)
+        kept = norm(x, inplace=False)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert bool(((got.double() - expected).abs() <= bound).all())
+    assert torch.equal(got, kept)
+    y = x.clone()
+    with torch.no_grad():
+        assert norm(y, inplace=True).data_ptr() == y.data_ptr()
 
 
 def test_codes_of_a_strided_half_take_no_copy_and_equal_the_levels():

@@ -474,10 +474,14 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     passes here): two-pass statistics from per-channel means, which are fast reductions in this layout. PyTorch's
     own channels-last GroupNorm kernel is many times slower at one or two channels per group and large batches (the
     embedded model), see benchmarks/bench_int_kernels.py. Float32 like the FP model's GroupNorm; values differ from
-    it by rounding only."""
+    it by rounding only: the output is ``x * scale + (bias - mean * scale)`` as in PyTorch's own kernel.
+
+    One temporary: the squared deviations are computed in place, and their buffer then takes the output. Against
+    a second temporary for the deviations this measured 1.5-2.5% of a whole integer forward on the 2-core CPU (large
+    activations fall out of cache)."""
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """``inplace``: ``x`` is a temporary and may be overwritten (saves one allocation)."""
+        """``inplace``: ``x`` is a temporary and may be overwritten (the output is written into it)."""
         x = x.contiguous(memory_format=torch.channels_last)
         b, c = x.shape[:2]
         g = self.num_groups
@@ -488,9 +492,11 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
                 m = m.view(b, g, -1).mean(2, keepdim=True).expand(b, g, c // g)
             return m.reshape(b, c, 1, 1)
 
-        d = x.sub_(group_mean(x)) if inplace else x - group_mean(x)
-        scale = (group_mean(d * d) + self.eps).rsqrt_().mul_(self.weight.view(1, c, 1, 1))
-        return torch.addcmul(self.bias.view(1, c, 1, 1), d, scale, out=d)
+        mean = group_mean(x)
+        squares = (x - mean).square_()
+        scale = group_mean(squares).add_(self.eps).rsqrt_().mul_(self.weight.view(1, c, 1, 1))
+        shift = torch.addcmul(self.bias.view(1, c, 1, 1), mean, scale, value=-1)
+        return torch.addcmul(shift, x, scale, out=x if inplace else squares)
 
 
 def _group_norm(gn: nn.GroupNorm) -> ChannelsLastGroupNorm:
