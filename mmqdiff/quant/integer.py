@@ -92,7 +92,7 @@ class ActivationCodes(nn.Module):
         to even before adding the zero point, i.e. exactly ``clamp(round(x/delta) + zp)``. ``inplace`` divides ``x``
         itself (for temporaries: saves allocating a second fp32 tensor) when ``x`` is dense; a strided view (a split
         shortcut's half of the ``cat``) is divided into a new dense tensor instead, since ``quantize_per_tensor``
-        would copy it to a dense one first (one fp32 pass fewer, about 1.5% of a W8A8 forward)."""
+        would copy it to a dense one first (one fp32 pass fewer)."""
         dense = x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous()
         y = x.div_(self.delta) if inplace and dense else x / self.delta
         if not self.full_range:
@@ -476,9 +476,9 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     embedded model), see benchmarks/bench_int_kernels.py. Float32 like the FP model's GroupNorm; values differ from
     it by rounding only: the output is ``x * scale + (bias - mean * scale)`` as in PyTorch's own kernel.
 
-    One temporary: the squared deviations are computed in place, and their buffer then takes the output. Against
-    a second temporary for the deviations this measured 1.5-2.5% of a whole integer forward on the 2-core CPU (large
-    activations fall out of cache)."""
+    One temporary: the squared deviations are computed in place, and their buffer then takes the output. A second
+    temporary for the deviations made the whole integer forward measurably slower on the 2-core CPU, where large
+    activations fall out of cache (benchmarks/bench_int_revisions.py, RESULTS.md "Eighth session")."""
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``inplace``: ``x`` is a temporary and may be overwritten (the output is written into it)."""
