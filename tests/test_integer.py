@@ -130,12 +130,14 @@ def test_channels_last_group_norm_equals_float64_group_norm(channels, groups, in
     x = x.contiguous(memory_format=torch.channels_last)
     x64 = x.double().reshape(3, groups, -1)
     mean, var = x64.mean(2, keepdim=True), x64.var(2, correction=0, keepdim=True)
-    expected = ((x64 - mean) / (var + norm.eps).sqrt()).reshape(x.shape) * norm.weight.double().view(1, -1, 1, 1) \
-        + norm.bias.double().view(1, -1, 1, 1)
-    scale = ((var + norm.eps).rsqrt().expand(3, groups, channels // groups).reshape(3, channels, 1, 1)
-             * norm.weight.double().view(1, -1, 1, 1))
-    shift = norm.bias.double().view(1, -1, 1, 1) - mean.expand(3, groups, channels // groups).reshape(3, channels, 1,
-                                                                                                        1) * scale
+    weight, bias = norm.weight.double().view(1, -1, 1, 1), norm.bias.double().view(1, -1, 1, 1)
+    expected = ((x64 - mean) / (var + norm.eps).sqrt()).reshape(x.shape) * weight + bias
+
+    def per_channel(t: torch.Tensor) -> torch.Tensor:  # [3, groups, 1] -> [3, channels, 1, 1]
+        return t.expand(3, groups, channels // groups).reshape(3, channels, 1, 1)
+
+    scale = per_channel((var + norm.eps).rsqrt()) * weight
+    shift = bias - per_channel(mean) * scale
     bound = 16 * U * ((x.double() * scale).abs() + shift.abs() + expected.abs())
     with torch.no_grad():
         got = norm(x.clone() if inplace else x, inplace=inplace)
