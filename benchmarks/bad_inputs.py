@@ -26,7 +26,7 @@ from mmqdiff.data import record_trajectories, save_calibration  # noqa: E402
 from mmqdiff.diffusion import build_model, linear_betas, load_checkpoint, timesteps  # noqa: E402
 from mmqdiff.io import RunLock  # noqa: E402
 from mmqdiff.lightning.calib_data import CalibrationDataModule  # noqa: E402
-from mmqdiff.manifest import load_segment_models  # noqa: E402
+from mmqdiff.segments.run_folder import load_segment_models  # noqa: E402
 from mmqdiff.quant import QuantConfig, export_packed, packed_nbytes, quantize_model  # noqa: E402
 
 STEPS = 10

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from mmqdiff.allocator import keep_freed_memory
+from mmqdiff.quant.allocator import keep_freed_memory
 from mmqdiff.data import load_calibration, timestep_segments
 from mmqdiff.diffusion import build_model, eps_sensitivity, linear_betas, load_checkpoint, timesteps
-from mmqdiff.evaluation import sample_space_error
+from mmqdiff.evaluation.heldout import sample_space_error
 from mmqdiff.quant import QuantConfig, calibrate, quantize_model
 from mmqdiff.quant.reconstruction import (ReconSettings, cache_unit_io, calibrate_item, init_act_quantizers,
                                           item_seed, reconstruct_activations, reconstruct_weights, work_items)
@@ -190,7 +190,7 @@ def main() -> list[str]:
     ap.add_argument("--autocast", nargs="+", default=["none"], choices=["none", "bfloat16"],
                     help="recon.autocast modes, timed one after the other per unit and segment (ratios to the first)")
     ap.add_argument("--glibc-malloc", action="store_true",
-                    help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.allocator)")
+                    help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.quant.allocator)")
     args = ap.parse_args()
     malloc = "glibc defaults" if args.glibc_malloc or not keep_freed_memory() else "freed memory kept"
     torch.set_num_threads(args.threads)

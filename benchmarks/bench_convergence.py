@@ -25,8 +25,8 @@ import torch
 
 from mmqdiff.data import CalibrationFile, segment_of_step, timestep_segments
 from mmqdiff.diffusion import build_model, eps_sensitivity, linear_betas, load_checkpoint, state_dict_sha256, timesteps
-from mmqdiff.evaluation import heldout_step_error, quarter_means, sample_space_error
-from mmqdiff.manifest import warm_start_state
+from mmqdiff.evaluation.heldout import heldout_step_error, quarter_means, sample_space_error
+from mmqdiff.segments.run_folder import warm_start_state
 from mmqdiff.quant import QuantConfig, WarmStart, calibrate
 from mmqdiff.quant.reconstruction import ReconSettings
 

@@ -24,7 +24,7 @@ from types import ModuleType
 import torch
 
 from bench_sampling import CONFIGS, quantized_copies
-from mmqdiff.allocator import keep_freed_memory
+from mmqdiff.quant.allocator import keep_freed_memory
 from mmqdiff.diffusion import build_model, load_checkpoint
 from mmqdiff.quant import to_integer
 

@@ -1,4 +1,4 @@
-"""What keeping freed memory (``mmqdiff.allocator``, on in every ``cli.py`` process) gains a user: the sampling
+"""What keeping freed memory (``mmqdiff.quant.allocator``, on in every ``cli.py`` process) gains a user: the sampling
 command itself, FP and a calibrated run on the integer runtime, with and without ``MMQDIFF_MALLOC_TUNING=0``, the
 settings alternated so that both see the same machine. Reports each run's ``sampling_seconds_per_image`` (predict
 steps only, from its metrics.json) and the ratio tuned / glibc defaults.

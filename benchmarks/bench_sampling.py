@@ -16,7 +16,7 @@ forward, K=4 still switches).
         [--steps 100] [--cifar-steps 4] [--repeats 2] [--device cpu|cuda] [--only embedded|cifar10] [--clock cpu]
         [--glibc-malloc]
 
-Like cli.py, it keeps freed memory for reuse (``mmqdiff.allocator``): with glibc's defaults every run re-faults its
+Like cli.py, it keeps freed memory for reuse (``mmqdiff.quant.allocator``): with glibc's defaults every run re-faults its
 temporaries' pages and a run's speed depends on what ran before it in the process (a later copy of the same
 quantized model measured up to 15% slower than the first), which would bias the interleaved comparison.
 """
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from mmqdiff.allocator import keep_freed_memory
+from mmqdiff.quant.allocator import keep_freed_memory
 from mmqdiff.data import segment_of_step, timestep_segments
 from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_checkpoint, segment_switch, timesteps
 from mmqdiff.quant import IntegerSegments, QuantConfig, quantize_model, resident_nbytes, set_rounding, to_integer
@@ -154,7 +154,7 @@ def main() -> None:
                     help="cpu: CPU seconds instead of wall time, steadier on a machine other jobs load")
     ap.add_argument("--bytes-only", action="store_true", help="only the resident bytes, no timing")
     ap.add_argument("--glibc-malloc", action="store_true",
-                    help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.allocator)")
+                    help="keep glibc's default malloc settings instead of the ones cli.py sets (mmqdiff.quant.allocator)")
     args = ap.parse_args()
     malloc = "glibc defaults" if args.glibc_malloc or not keep_freed_memory() else "freed memory kept"
     device = torch.device(args.device)

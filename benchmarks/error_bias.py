@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from mmqdiff.evaluation import load_run
+from mmqdiff.evaluation.heldout import load_run
 
 
 @torch.no_grad()

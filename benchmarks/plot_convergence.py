@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mmqdiff.diffusion import eps_sensitivity, linear_betas, timesteps  # noqa: E402
-from mmqdiff.evaluation import sample_space_error  # noqa: E402
+from mmqdiff.evaluation.heldout import sample_space_error  # noqa: E402
 
 
 def main() -> None:

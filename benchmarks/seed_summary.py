@@ -1,5 +1,5 @@
 """Arms of a pipeline report compared over calibration seeds: per-arm mean ± sd over seeds, and every arm's
-paired difference to a reference arm with its 95% t interval over seeds (``mmqdiff.seeds``), plus a PNG with each
+paired difference to a reference arm with its 95% t interval over seeds (``mmqdiff.evaluation.seeds``), plus a PNG with each
 seed's runs joined across arms.
 
     .venv/bin/python benchmarks/seed_summary.py outputs/embedded/report_seeds/report.json \\
@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mmqdiff.plots import save_figure, seed_comparison_figure
-from mmqdiff.seeds import METRICS, mean_sd, paired_difference, runs_by_arm
+from mmqdiff.evaluation.plots import save_figure, seed_comparison_figure
+from mmqdiff.evaluation.seeds import METRICS, mean_sd, paired_difference, runs_by_arm
 
 LABELS = {"fid": "FID", "kid": "KID", "psnr_vs_fp": "PSNR vs FP (dB)", "heldout_x_mse": "held-out x-MSE"}
 FORMATS = {"fid": ".2f", "kid": ".4f", "psnr_vs_fp": ".2f", "heldout_x_mse": ".3e"}

@@ -24,17 +24,17 @@ import yaml
 from rich.console import Console
 
 from .diffusion import build_model
-from .evaluation import damage_boundaries, heldout_error_of_run
+from .evaluation.heldout import damage_boundaries, heldout_error_of_run
 from .io import atomic_write_text
-from .manifest import calibration_compute, damaged_segments, read_manifest, reexport_segments
-from .report import write_report
+from .segments.run_folder import calibration_compute, damaged_segments, read_manifest, reexport_segments
+from .evaluation.report import write_report
 
 console = Console(width=160)
 # per-run metrics.json entries copied into report.json as they are: spreads, per-chunk scores, held-out error, speed
 PASSED_THROUGH = ("fid_std", "fid_chunks", "kid_chunks", "kid_chunk_std", "is_chunks", "is_chunk_std", "chunks",
                   "chunk_size", "psnr_std", "psnr_chunks", "heldout_mse", "heldout_x_mse", "heldout_quarters",
                   "heldout_per_step", "sampling_seconds_per_image", "runtime")
-CLI = Path(__file__).resolve().parents[1] / "cli.py"
+CLI_COMMAND = [sys.executable, "-m", "mmqdiff.cli"]  # the installed package's CLI, wherever the pipeline runs
 
 
 class StageFailed(RuntimeError):
@@ -55,12 +55,12 @@ def child_error(stderr_tail: list[str]) -> str:
 
 
 def _stage(name: str, args: list[str], timings: dict[str, float]) -> None:
-    """Run one ``cli.py`` command as its own process and record its wall time under ``name``. Its stderr is shown
+    """Run one ``mmqdiff.cli`` command as its own process and record its wall time under ``name``. Its stderr is shown
     as it comes and its tail kept, so a failure ends with the child's own error message (``StageFailed``)."""
     console.rule(f"[bold]{name}")
     start = time.perf_counter()
     tail: deque[str] = deque(maxlen=200)
-    with subprocess.Popen([sys.executable, str(CLI), *args], stderr=subprocess.PIPE, text=True,
+    with subprocess.Popen([*CLI_COMMAND, *args], stderr=subprocess.PIPE, text=True,
                           errors="replace") as proc:
         for line in proc.stderr:
             sys.stderr.write(line)

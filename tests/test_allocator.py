@@ -1,4 +1,4 @@
-"""mmqdiff.allocator: glibc's malloc keeps freed temporaries for reuse (checked through glibc's own counters in a
+"""mmqdiff.quant.allocator: glibc's malloc keeps freed temporaries for reuse (checked through glibc's own counters in a
 fresh interpreter, so the test process's allocator is left alone)."""
 import json
 import os
@@ -12,7 +12,7 @@ from .conftest import ROOT
 PROBE = """
 import ctypes, json
 import torch
-from mmqdiff.allocator import keep_freed_memory
+from mmqdiff.quant.allocator import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",

@@ -23,11 +23,11 @@ from mmqdiff.data import (CalibrationFile, equal_share_boundaries, load_calibrat
                           save_calibration, select_steps)
 from mmqdiff.diffusion import (build_model, eps_sensitivity, file_sha256, linear_betas, load_checkpoint, load_config,
                                state_dict_sha256, timesteps)
-from mmqdiff.evaluation import damage_boundaries, heldout_error_of_run, heldout_step_error
+from mmqdiff.evaluation.heldout import damage_boundaries, heldout_error_of_run, heldout_step_error
 from mmqdiff.io import check_writable
 from mmqdiff.lightning.calibrate import SegmentCalibration
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter
-from mmqdiff.manifest import CKPT_KEY, damaged_segments, load_segment_models, read_manifest, warm_start_state
+from mmqdiff.segments.run_folder import CKPT_KEY, damaged_segments, load_segment_models, read_manifest, warm_start_state
 from mmqdiff.quant import QuantConfig, ReconSettings, WarmStart, calibrate, packed_nbytes, quant_state_dict
 from mmqdiff.quant.reconstruction import NonFiniteLossError
 
@@ -112,7 +112,7 @@ def test_manifest_describes_the_run(world, finished):
         assert [(u["unit"], u["phase"]) for u in seg["units"]] == \
             [(n, p) for p in ("weight", "act") for n in m["units"]]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert (run_dir / "lightning_logs" / "version_0" / "config.yaml").is_file()  # beside the logs of its session
+    assert (run_dir / "lightning_logs" / "version_0" / "config.yaml").is_file()  # beside the logs of its run
 
 
 def test_losses_are_logged_per_item_and_segment(finished):

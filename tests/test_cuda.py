@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmqdiff.diffusion import build_model
-from mmqdiff.metrics import psnr
+from mmqdiff.evaluation.fidelity import psnr
 from mmqdiff.quant import IntegerSegments, IntegerUnsupported, to_integer
 from mmqdiff.quant.integer import IntMMKernel, int_mm_rows
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmqdiff.data import CalibrationFile, save_calibration
-from mmqdiff.evaluation import heldout_step_error, quarter_means, sample_space_error
+from mmqdiff.evaluation.heldout import heldout_step_error, quarter_means, sample_space_error
 
 
 class Shifted(torch.nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmqdiff.data.synthetic import NUM_CLASSES, SyntheticDataModule
-from mmqdiff.features import SmallClassifier, load_feature_extractor, save_feature_extractor
+from mmqdiff.evaluation.features import SmallClassifier, load_feature_extractor, save_feature_extractor
 from mmqdiff.lightning.train_classifier import ClassifierTraining
 
 

@@ -15,8 +15,8 @@ from mmqdiff.data import record_trajectories, segment_of_step, timestep_segments
 from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_betas, load_checkpoint, segment_switch, \
     timesteps
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter, load_samples
-from mmqdiff.manifest import segment_dir, write_manifest
-from mmqdiff.metrics import psnr
+from mmqdiff.segments.run_folder import segment_dir, write_manifest
+from mmqdiff.evaluation.fidelity import psnr
 from mmqdiff.quant import (AdaRoundQuantizer, IntegerSegments, IntegerUNet, IntegerUnsupported, QuantConfig,
                            QuantLayer, UniformAffineQuantizer, config_from_state, export_packed, load_packed,
                            quant_layers, quantize_model, resident_nbytes, set_rounding, share_constants, to_integer)
@@ -404,8 +404,10 @@ def test_integer_runtime_keeps_int8_codes_only(embedded, trajectories):
     fp_weight_bytes = sum(w.numel() * 4 for w in weights)
     fp_bytes = sum(p.numel() * 4 for p in embedded.parameters())
     assert not any(p.dtype == torch.float32 and p.numel() >= 64 * 64 for p in [*im.parameters(), *im.buffers()])
-    codes = sum(k.code_nbytes for k in im.kernels())  # with onednn's padding and zero-point compensation
-    assert fp_weight_bytes / 4 <= codes <= 1.02 * fp_weight_bytes / 4
+    # with onednn's padding and zero-point compensation; the blocked layout pads to the CPU's vector width
+    # (within 2% on AVX-512 hosts without AMX, 4% on one with AMX)
+    codes = sum(k.code_nbytes for k in im.kernels())
+    assert fp_weight_bytes / 4 <= codes <= 1.06 * fp_weight_bytes / 4
     assert im.resident_nbytes() < 0.3 * fp_bytes
 
 

@@ -10,12 +10,16 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-from mmqdiff import metrics
 from mmqdiff.data.synthetic import make_synthetic_images
-from mmqdiff.features import SmallClassifier
-from mmqdiff.metrics import (INCEPTION_WEIGHTS_NAME, ClassifierExtractor, FeatureExtractor, InceptionExtractor,
-                             StepErrorMeter, build_metrics, frechet_distance, gaussian_stats, load_real_images, psnr,
-                             score_images, to_uint8)
+from mmqdiff.evaluation.features import SmallClassifier
+from mmqdiff.evaluation.features import (INCEPTION_WEIGHTS_NAME, ClassifierExtractor, FeatureExtractor,
+                                         InceptionExtractor)
+from mmqdiff.evaluation.fidelity import StepErrorMeter, psnr, psnr_per_image
+from mmqdiff.evaluation import metrics as image_metrics
+from mmqdiff.evaluation.metrics import build_metrics, score_images
+from mmqdiff.evaluation.real_images import load_real_images, to_uint8
+
+from .fid_reference import frechet_distance, gaussian_stats
 
 
 class Projection(FeatureExtractor):
@@ -115,7 +119,7 @@ def test_score_images_on_synthetic_reference_with_cache(tmp_path, monkeypatch):
     def no_images(*a, **k):
         raise AssertionError("reference images re-read despite the cache")
 
-    monkeypatch.setattr(metrics, "load_real_images", no_images)
+    monkeypatch.setattr(image_metrics, "load_real_images", no_images)
     assert score_images(same, "synthetic", ext, **kw) == first
     noisy = score_images(_noisy(same, 40), "synthetic", ext, **kw)
     assert noisy["fid"] > first["fid"] + 1e-3
@@ -244,6 +248,6 @@ def test_psnr_per_image_hand_computed():
     b = a.clone()
     b[0, 0, 0, 0] = 255  # mse 1/12 -> 10 log10(12)
     b[1] = 51  # 0.2 everywhere -> mse 0.04 -> 13.9794 dB
-    per = metrics.psnr_per_image(a, b)
+    per = psnr_per_image(a, b)
     assert per.tolist() == pytest.approx([10 * math.log10(12), -10 * math.log10(0.04)], abs=1e-9)
     assert psnr(a, b) == pytest.approx(float(per.mean()), abs=1e-12)

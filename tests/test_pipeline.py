@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import yaml
 
 from mmqdiff import pipeline
-from mmqdiff.evaluation import damage_boundaries
-from mmqdiff.report import REQUIRED_KEYS
+from mmqdiff.evaluation.heldout import damage_boundaries
+from mmqdiff.evaluation.report import REQUIRED_KEYS
 
 from .conftest import ROOT
 
@@ -112,7 +113,7 @@ def test_failed_stage_ends_with_the_childs_own_error(tmp_path, monkeypatch, caps
                      "try:\n    open('/nonexistent/x')\nexcept OSError as e:\n"
                      "    raise ValueError('outputs/calib_k4/segment_01/packed.pt is missing\\nrerun with [brackets]') "
                      "from e\n")
-    monkeypatch.setattr(pipeline, "CLI", child)
+    monkeypatch.setattr(pipeline, "CLI_COMMAND", [sys.executable, str(child)])
     timings = {}
     with pytest.raises(RuntimeError) as failure:
         pipeline._stage("sample K=4", ["predict"], timings)

@@ -9,7 +9,7 @@ from mmqdiff.quant import (QuantAttnBlock, QuantConfig, QuantLayer, QuantResnetB
                            adaround_quantizers, decoder_split_points, init_adaround, load_quant_state,
                            quant_state_dict, quantize_model, reset_act_quantizers, set_quant_state, set_rounding)
 
-REFERENCE_38_UNITS = [  # reference/qdiffusion.md 3.9, module-registration order
+REFERENCE_38_UNITS = [  # q-diffusion@715783d qdiff/utils.py resume_cali_model: module-registration order
     "temb.dense.0", "temb.dense.1", "conv_in", "down.0.block.0", "down.0.block.1", "down.0.downsample.conv",
     "down.1.block.0", "down.1.block.1", "down.1.attn.0", "down.1.attn.1", "down.1.downsample.conv",
     "down.2.block.0", "down.2.block.1", "down.2.downsample.conv", "down.3.block.0", "down.3.block.1",

@@ -11,8 +11,8 @@ from matplotlib.container import BarContainer
 from PIL import Image
 from rich.console import Console
 
-from mmqdiff.plots import metric_bars_figure, per_step_error_figure, save_sample_grid
-from mmqdiff.report import REQUIRED_KEYS, write_report
+from mmqdiff.evaluation.plots import metric_bars_figure, per_step_error_figure, save_sample_grid
+from mmqdiff.evaluation.report import REQUIRED_KEYS, write_report
 
 
 def _runs(grid_dir):

@@ -139,7 +139,7 @@ def test_damaged_images_are_sampled_again(tmp_path, tiny_model, caplog):
     (images / "000001.png").write_bytes((images / "000001.png").read_bytes()[:60])
     write_png(images / "000002.png", torch.zeros(3, 4, 4, dtype=torch.uint8))  # wrong size
     kept = (images / "000003.png").stat().st_mtime_ns
-    with caplog.at_level(logging.WARNING, logger="mmqdiff.sample_folder"):
+    with caplog.at_level(logging.WARNING, logger="mmqdiff.evaluation.sample_folder"):
         _sample(tmp_path, out, 4)
     for j, why in ((0, "not a readable image"), (1, "not a readable image"), (2, "PNG RGB 4x4, expected PNG RGB 8x8")):
         assert f"{images / f'00000{j}.png'}: {why}" in caplog.text

@@ -1,12 +1,12 @@
-"""Comparisons across calibration seeds (``mmqdiff.seeds``) against hand-computed statistics, and their figure."""
+"""Comparisons across calibration seeds (``mmqdiff.evaluation.seeds``) against hand-computed statistics, and their figure."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from mmqdiff.plots import seed_comparison_figure
-from mmqdiff.seeds import mean_sd, paired_difference, runs_by_arm
+from mmqdiff.evaluation.plots import seed_comparison_figure
+from mmqdiff.evaluation.seeds import mean_sd, paired_difference, runs_by_arm
 
 
 def run(name: str, fid: float, psnr: float, segments: int = 1) -> dict:

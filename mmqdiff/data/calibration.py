@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..diffusion.sampler import IndexedNoise, ddim_sample, trajectory_generator
-from ..diffusion.unet import file_sha256
+from ..diffusion.checkpoint import file_sha256
 from ..io import atomic_path, brief_error
 
 log = logging.getLogger(__name__)

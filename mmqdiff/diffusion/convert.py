@@ -8,12 +8,12 @@ and eps, downsample padding, multi-head attention, ...), naming the key.
 """
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from .unet import Model
 
 # diffusers UNet2DModel defaults, for config keys a (possibly older) config.json leaves out
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
@@ -123,28 +123,7 @@ def diffusers_to_ddim_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, to
 
 def from_diffusers(unet: torch.nn.Module) -> torch.nn.Module:
     """The ddim ``Model`` computing what a diffusers ``UNet2DModel`` computes, with its weights (float32, CPU)."""
-    from .unet import Model
-
     model = Model(**ddim_config_from_diffusers(dict(unet.config)))
     sd = diffusers_to_ddim_state_dict({k: v.detach().float().cpu() for k, v in unet.state_dict().items()})
     model.load_state_dict(sd, strict=True)
     return model
-
-
-def load_diffusers(folder: str | Path) -> torch.nn.Module:
-    """A diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or ``.bin``, e.g. a local
-    copy of ``google/ddpm-cifar10-32``) as a ddim ``Model``; diffusers itself is not needed."""
-    from .unet import Model, load_checkpoint
-
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: expected a diffusers UNet2DModel folder")
-    config = json.loads(config_path.read_text())
-    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"{config_path}: _class_name is {config['_class_name']!r}, expected 'UNet2DModel'")
-    weights = [p for p in (folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model.bin")
-               if p.is_file()]
-    if not weights:
-        raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors or .bin")
-    return load_checkpoint(Model(**ddim_config_from_diffusers(config)), weights[0])

@@ -9,7 +9,7 @@ by :class:`UnitCheckpoint`, so ``--ckpt_path last`` continues at the next item, 
 trainer's loggers. Every random stream of an item is seeded from (seed, segment, unit, phase), so a resumed or
 parallel run gives the same bits as one uninterrupted sequential run (given equal thread counts on CPU). At the end
 each segment's quant state and packed export go to ``segment_XX/`` and the run is described in ``manifest.json``
-(see :mod:`mmqdiff.manifest`).
+(see :mod:`mmqdiff.segments.run_folder`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256, timesteps
-from ..manifest import (CKPT_KEY, LAST_CKPT, MANIFEST_NAME, cpu_state, warm_start_state, write_manifest,
+from ..segments.run_folder import (CKPT_KEY, LAST_CKPT, MANIFEST_NAME, cpu_state, warm_start_state, write_manifest,
                         write_segment_files)
 from ..quant import QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator, WarmStart, quant_state_dict
 from ..quant.reconstruction import ReconSettings, work_items
@@ -50,7 +50,7 @@ class UnitCheckpoint(ModelCheckpoint):
 
     Listed under ``trainer.callbacks`` in the calibration configs (the module refuses to run without it): Lightning
     resolves ``--ckpt_path last`` through the trainer's checkpoint callbacks before the module's own callbacks exist,
-    and a plain ModelCheckpoint would look in the first logger's version folder, which is new in every session.
+    and a plain ModelCheckpoint would look in the first logger's version folder, which is new in every run of the command.
     Ignores ``global_step``: manual optimisation without Lightning optimizers never advances it.
     """
 

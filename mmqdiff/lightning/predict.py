@@ -2,7 +2,7 @@
 
 Step i runs the model of the segment that holds i (the same step-to-segment map calibration used). Images are
 PNG files named by index, so an interrupted run continues where it stopped (the folder's ``sampling.json`` makes sure
-it continues with the same settings, see :mod:`mmqdiff.sample_folder`); noise for image j depends only on
+it continues with the same settings, see :mod:`mmqdiff.evaluation.sample_folder`); noise for image j depends only on
 (seed, j), so FP and quantized runs start from identical noise on any number of devices.
 """
 from __future__ import annotations
@@ -22,13 +22,16 @@ from torch.utils.data import DataLoader
 from ..data import segment_of_step
 from ..diffusion import (IndexedNoise, betas_from_config, build_model, ddim_sample, file_sha256, load_checkpoint,
                          load_config, segment_switch, state_dict_sha256, timesteps)
-from ..manifest import load_segment_models, read_manifest, run_identity
+from ..segments.run_folder import load_segment_models, read_manifest, run_identity
 from ..io import RunLock, atomic_path, atomic_save, atomic_write_text, read_png_images, write_png
-from ..sample_folder import check_fp_reference, claim_folder, images_to_make, png_path
+from ..evaluation.sample_folder import check_fp_reference, claim_folder, images_to_make, png_path
 from .run_lock import LOCK_NAME, hold_run_lock
 from .strategy import decided_by_zero
-from ..plots import save_sample_grid
-from ..metrics import InceptionExtractor, embedded_extractor, psnr_per_image, score_images, to_uint8
+from ..evaluation.plots import save_sample_grid
+from ..evaluation.features import InceptionExtractor, embedded_extractor
+from ..evaluation.fidelity import psnr_per_image
+from ..evaluation.metrics import score_images
+from ..evaluation.real_images import to_uint8
 from ..quant import IntegerSegments, IntegerUnsupported
 from ..quant.segment_runtime import PACK_MODES
 

@@ -1,7 +1,7 @@
 """Trains the embedded default's feature extractor (``SmallClassifier``) on the synthetic images.
 
 ``python cli.py fit --config configs/embedded/train_classifier.yaml``; at the end of training the classifier is exported
-with ``save_feature_extractor`` to ``export_path``, the file ``mmqdiff.metrics`` loads for FID/KID/IS.
+with ``save_feature_extractor`` to ``export_path``, the file ``mmqdiff.evaluation.features`` loads for FID/KID/IS.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.synthetic import NUM_CLASSES
-from ..features import SmallClassifier, save_feature_extractor
+from ..evaluation.features import SmallClassifier, save_feature_extractor
 
 
 class ClassifierTraining(L.LightningModule):

@@ -477,8 +477,8 @@ class ChannelsLastGroupNorm(nn.GroupNorm):
     it by rounding only: the output is ``x * scale + (bias - mean * scale)`` as in PyTorch's own kernel.
 
     One temporary: the squared deviations are computed in place, and their buffer then takes the output. A second
-    temporary for the deviations made the whole integer forward measurably slower on the 2-core CPU, where large
-    activations fall out of cache (benchmarks/bench_int_revisions.py, RESULTS.md "Eighth session")."""
+    temporary for the deviations made the whole integer forward measurably slower on a 2-core CPU, where large
+    activations fall out of cache (benchmarks/bench_int_revisions.py, docs/benchmarks.md)."""
 
     def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``inplace``: ``x`` is a temporary and may be overwritten (the output is written into it)."""

@@ -1,4 +1,5 @@
-"""Block-wise reconstruction (Q-Diffusion / BRECQ, reference/qdiffusion.md 3.6-3.8): caching a unit's inputs and
+"""Block-wise reconstruction (Q-Diffusion / BRECQ: q-diffusion@715783d
+``qdiff/block_recon.py``, ``qdiff/layer_recon.py``, ``qdiff/utils.py``): caching a unit's inputs and
 targets, the AdaRound weight phase, the activation step-size phase, and one calibration work item of a segment.
 
 Pure torch. Every random draw (minibatches, the activation-init subset, dropout in reference train mode) comes from
@@ -285,7 +286,8 @@ def reconstruct_activations(unit: nn.Module, cache: UnitCache, *, iters: int, ba
 @torch.no_grad()
 def init_act_quantizers(q_model: QuantizedUNet, xs: torch.Tensor, ts: torch.Tensor, *, samples: int,
                         generator: torch.Generator, train_mode: bool = False) -> None:
-    """The reference activation init (S:197-206): one fully quantized forward on ``samples`` random calibration pairs,
+    """The reference activation init (q-diffusion@715783d
+    ``scripts/sample_diffusion_ddim.py``, the ``--quant_act`` branch of ``main``): one fully quantized forward on ``samples`` random calibration pairs,
     so every activation quantizer takes its per-tensor range over all of them (mixing timesteps)."""
     device = next(q_model.parameters()).device
     idx = torch.randperm(len(xs), generator=generator)[:samples]
@@ -375,7 +377,7 @@ class ReconSettings:
 
 def work_items(num_units: int, quant_act: bool) -> list[tuple[int, str]]:
     """(unit index, phase) in calibration order: every unit's weight phase, then (with activation quantization) every
-    unit's activation phase, as the reference runs them (S:164-221)."""
+    unit's activation phase, as the reference runs them (q-diffusion@715783d ``scripts/sample_diffusion_ddim.py``, ``main``)."""
     return [(u, "weight") for u in range(num_units)] + ([(u, "act") for u in range(num_units)] if quant_act else [])
 
 

@@ -19,7 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .io import atomic_write_text
+from ..io import atomic_write_text
 from .plots import metric_bars_plot, per_step_error_plot, run_colors
 
 REQUIRED_KEYS = ("name", "segments", "weight_bits", "act_bits", "fid", "is", "kid", "psnr_vs_fp", "model_bytes",

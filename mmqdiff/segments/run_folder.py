@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .data.segments import segment_of_step
-from .diffusion import build_model, file_sha256, load_checkpoint, state_dict_sha256
-from .io import atomic_save, atomic_write_text, brief_error
-from .quant import (QuantConfig, QuantizedUNet, config_from_state, export_packed, load_packed, load_quant_state,
+from ..data.segments import segment_of_step
+from ..diffusion import build_model, file_sha256, load_checkpoint, state_dict_sha256
+from ..io import atomic_save, atomic_write_text, brief_error
+from ..quant import (QuantConfig, QuantizedUNet, config_from_state, export_packed, load_packed, load_quant_state,
                     packed_nbytes, quant_state_dict, quantize_model)
 
 FORMAT = "mmqdiff.calibration-run/1"

@@ -14,10 +14,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .data.calibration import CalibrationFile
-from .data.segments import equal_share_boundaries, segment_of_step
-from .diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint, timesteps
-from .manifest import load_segment_models, read_manifest
+from ..data.calibration import CalibrationFile
+from ..data.segments import equal_share_boundaries, segment_of_step
+from ..diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint, timesteps
+from ..segments.run_folder import load_segment_models, read_manifest
 
 
 @torch.no_grad()

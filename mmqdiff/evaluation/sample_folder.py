@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_text, png_problem
+from ..io import atomic_write_text, png_problem
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .io import atomic_path
+from ..io import atomic_path
 
 # Okabe-Ito palette: distinguishable for colour-blind readers; cycles after eight series
 COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")

@@ -1,0 +1,49 @@
+"""Fidelity to the FP model from identical noise: per-image PSNR of final images, per-step noise-prediction error."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+def _unit_float(images: Tensor) -> Tensor:
+    return images.double() / 255 if images.dtype == torch.uint8 else images.double()
+
+
+def psnr(images_a: Tensor, images_b: Tensor) -> float:
+    """Mean over images of per-image PSNR in dB (peak 1; uint8 is divided by 255, floats are taken as [0, 1]).
+
+    Per-image then mean, as paired FP-vs-quantized comparisons are usually reported; a pair of identical images
+    has infinite PSNR, and so then does the mean.
+    """
+    return float(psnr_per_image(images_a, images_b).mean())
+
+
+def psnr_per_image(images_a: Tensor, images_b: Tensor) -> Tensor:
+    """Per-image PSNR in dB (float64), the terms :func:`psnr` averages."""
+    if images_a.shape != images_b.shape:
+        raise ValueError(f"psnr needs equal shapes, got {tuple(images_a.shape)} and {tuple(images_b.shape)}")
+    mse = (_unit_float(images_a) - _unit_float(images_b)).square().flatten(1).mean(dim=1)
+    return -10 * torch.log10(mse)
+
+
+class StepErrorMeter(Metric):
+    """Mean squared error between quantized and FP noise predictions, per sampling step index.
+
+    Sums and element counts are metric states reduced by sum, so DDP ranks combine exactly. Steps never updated
+    give NaN.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("sq_sum", torch.zeros(num_steps, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_steps, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, step_index: int, eps_q: Tensor, eps_fp: Tensor) -> None:
+        self.sq_sum[step_index] += (eps_q.double() - eps_fp.double()).square().sum()
+        self.count[step_index] += eps_q.numel()
+
+    def compute(self) -> list[float]:
+        return (self.sq_sum / self.count).tolist()
