@@ -34,3 +34,31 @@ def test_readme_python_blocks_run(monkeypatch):
                 exec(compile(code, f"README.md:{line}", "exec"), namespace)
             except Exception as e:
                 pytest.fail(f"README.md python block at line {line} raised {type(e).__name__}: {e}")
+
+
+RESULTS_TABLE = re.compile(r"<!-- results-table:start -->\n(?P<table>.*?)<!-- results-table:end -->", re.S)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/results.md"])
+def test_results_table_is_the_report_table_of_the_shipped_results_file(doc):
+    """The headline table is generated, not typed: the text between the markers equals ``markdown_table`` of
+    docs/results/main_job.json (``python -m mmqdiff.evaluation.report docs/results/main_job.json`` prints it)."""
+    import json
+
+    from mmqdiff.evaluation.report import markdown_table
+
+    tables = RESULTS_TABLE.findall((ROOT / doc).read_text())
+    assert len(tables) == 1, f"{doc}: expected one results table between the markers, found {len(tables)}"
+    runs = json.loads((ROOT / "docs/results/main_job.json").read_text())["runs"]
+    assert tables[0] == markdown_table(runs)
+
+
+def test_report_module_prints_the_table(capsys):
+    """``python -m mmqdiff.evaluation.report docs/results/main_job.json``, the command the docs give for the table."""
+    import json
+
+    from mmqdiff.evaluation.report import main, markdown_table
+
+    path = ROOT / "docs/results/main_job.json"
+    main([str(path)])
+    assert capsys.readouterr().out == markdown_table(json.loads(path.read_text())["runs"])

@@ -86,9 +86,17 @@ def table_rows(runs: Sequence[dict], spread: bool = True) -> list[list[str]]:
     return rows
 
 
-def _markdown(runs: list[dict], rows: list[list[str]], out_dir: Path, plot: Path | None, bars: Path) -> str:
-    lines = ["# mmqdiff report", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown_table(runs: Sequence[dict]) -> str:
+    """The comparison table of ``runs`` (report.json's ``runs``) in markdown, one line per run with the spreads, as
+    report.md and the README show it; ends with a newline."""
+    rows = table_rows(normalize_runs(runs))
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown(runs: list[dict], out_dir: Path, plot: Path | None, bars: Path) -> str:
+    lines = ["# mmqdiff report", "", markdown_table(runs).rstrip("\n")]
     lines += ["", "FID, IS, KID and PSNR are over all images; ± is the standard deviation of the same score over "
               "disjoint image chunks (chunk j of every run holds the same noise indices). A difference inside it is "
               "not a difference. PSNR vs FP: mean per-image PSNR against FP samples from identical noise. Held-out "
@@ -121,7 +129,6 @@ def write_report(runs: Sequence[dict], out_dir: str | Path, console: Console | N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = normalize_runs(runs)
-    rows = table_rows(runs)
 
     table = Table(title="mmqdiff: FP vs single- and multi-model quantization", box=box.SIMPLE_HEAD)
     for c in COLUMNS:
@@ -139,7 +146,21 @@ def write_report(runs: Sequence[dict], out_dir: str | Path, console: Console | N
     colors = run_colors([r["name"] for r in runs])
     plot = per_step_error_plot(curves, out_dir / "per_step_mse.png", segments, colors) if curves else None
     bars = metric_bars_plot(runs, out_dir / "metrics.png", colors)
-    atomic_write_text(out_dir / "report.md", _markdown(runs, rows, out_dir, plot, bars))
+    atomic_write_text(out_dir / "report.md", _markdown(runs, out_dir, plot, bars))
     path = out_dir / "report.json"
     atomic_write_text(path, json.dumps({"runs": runs}, indent=2, allow_nan=False) + "\n")
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mmqdiff.evaluation.report <report.json>``: print the report's comparison table in markdown."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("report", type=Path, help="a report.json ({\"runs\": [...]})")
+    args = parser.parse_args(argv)
+    print(markdown_table(json.loads(args.report.read_text())["runs"]), end="")
+
+
+if __name__ == "__main__":
+    main()
