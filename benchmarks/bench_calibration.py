@@ -3,7 +3,7 @@ segment, and peak memory; for the embedded model (trained weights and its calibr
 full-size CIFAR-10 blocks (random weights and inputs: cost does not depend on values).
 
     .venv/bin/python benchmarks/bench_calibration.py [--threads 2] [--batch 32] [--iters 30]
-        [--segment-iters 160 50] [--cifar-units up.0.block.0 down.1.block.0] [--append benchmarks/RESULTS.md]
+        [--segment-iters 160 50] [--cifar-units up.0.block.0 down.1.block.0] [--append docs/benchmarks.md]
     .venv/bin/python benchmarks/bench_calibration.py --threads 1 --convergence outputs/convergence/runs.jsonl
     .venv/bin/python benchmarks/bench_calibration.py --threads 1 --autocast none bfloat16
 

@@ -2,7 +2,7 @@
 fake-quant and the integer runtime, eager and replayed from a captured CUDA graph, side by side in one process.
 
 On a GPU the integer runtime measured slower than fake-quant, and both slower than FP, at sizes where the GPU waits
-on kernel launches (benchmarks/RESULTS.md). A graph replays all of a forward's kernels with one launch, so it shows
+on kernel launches (docs/benchmarks.md). A graph replays all of a forward's kernels with one launch, so it shows
 what each path costs once launches are free. GPU only:
 
     python benchmarks/bench_cuda_graphs.py [--embedded-batch 256] [--cifar-batches 64 256] [--repeats 50]

@@ -1,7 +1,7 @@
 """Fake-quant forward overhead vs FP (same process, interleaved repeats, min time), frozen vs unfrozen, plus export
 size. Random weights: timing does not depend on them.
 
-    .venv/bin/python benchmarks/bench_quant.py [--threads 2] [--repeats 5] [--append benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/bench_quant.py [--threads 2] [--repeats 5] [--append docs/benchmarks.md]
 """
 from __future__ import annotations
 

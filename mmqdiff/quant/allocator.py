@@ -4,7 +4,7 @@ Eager PyTorch on the CPU allocates and frees megabyte-sized temporaries at every
 above the (adaptive) mmap threshold are fresh ``mmap`` s, and the heap top is given back to the kernel as soon as it
 is free, so the next step page-faults the same memory in again: on the 2-core CPU that is 14-25% of FP sampling time
 and a few percent of the integer runtime's, and it makes a process's speed depend on what it ran before
-(benchmarks/RESULTS.md, "allocator"). Serving every block from the heap and never trimming it removes both; the
+(docs/benchmarks.md, "allocator"). Serving every block from the heap and never trimming it removes both; the
 cost is that a process keeps its peak memory until it exits, which is what a sampling or calibration job does anyway.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ Glue: the resnet blocks run the FP block's ops (SiLU as one in-place ``F.silu``)
 GroupNorm is computed in the channels-last layout (see :class:`ChannelsLastGroupNorm`); every fp32 value outside the
 quantized layers is computed as in the fake-quant model up to float32 rounding.
 
-Backends (maintained kernels only, chosen by measurement, see benchmarks/RESULTS.md):
+Backends (maintained kernels only, chosen by measurement, see docs/benchmarks.md):
 - ``onednn`` (CPU): convolutions through PyTorch's x86 ``onednn::qconv_pointwise`` with uint8 input and fp32
   output (what PT2E's X86InductorQuantizer lowers to), weights prepacked when built (``IntegerSegments`` re-packs
   a segment's at a switch, see segment_runtime.py); the small linear layers through ``torch._int_mm`` (see

@@ -22,7 +22,7 @@ class QuantConfig:
 
     ``weight_symmetric`` (off: the reference's asymmetric weights) quantizes weights per channel with zero point 0,
     an integer-friendly option: 8-bit weight codes then fit int8 as they are and the integer runtime
-    (``to_integer``) needs no offset correction; its quality cost is measured in benchmarks/RESULTS.md."""
+    (``to_integer``) needs no offset correction; its quality cost is measured in docs/benchmarks.md."""
 
     weight_bits: int = 4
     act_bits: int = 8
