@@ -149,7 +149,7 @@ def check_equal_compute(runs: list[dict[str, Any]]) -> None:
 def cpu_parallel_args(processes: int) -> list[str]:
     """Trainer flags that sample on the CPU in ``processes`` data-parallel processes (one torch thread each, as
     Lightning sets them) when no GPU is present; none otherwise. On the 2-core CPU two 1-thread processes sample
-    faster than one 2-thread process, FP and integer runtime alike (benchmarks/RESULTS.md)."""
+    faster than one 2-thread process, FP and integer runtime alike (docs/benchmarks.md)."""
     if not (isinstance(processes, int) and processes >= 1):
         raise ValueError(f"sampling.cpu_processes must be an integer >= 1, got {processes!r}")
     if processes == 1 or torch.cuda.is_available():

@@ -36,7 +36,7 @@ from ..quant import IntegerSegments, IntegerUnsupported
 from ..quant.segment_runtime import PACK_MODES
 
 RUNTIMES = ("auto", "int", "fake")
-# what "auto" picks per device type, by benchmarks/bench_sampling.py (benchmarks/RESULTS.md): on the 2-core CPU the
+# what "auto" picks per device type, by benchmarks/bench_sampling.py (docs/benchmarks.md): on the 2-core CPU the
 # int8 runtime took 0.4-0.7x FP's time; on an H200, where these models are launch-bound, 2.6-3.4x (fake-quant 1.7-1.9x)
 AUTO_RUNTIME = {"cpu": "int"}
 
@@ -101,7 +101,7 @@ class MultiModelSampler(L.LightningModule):
             self.runtime = AUTO_RUNTIME.get(self.device.type, "fake")
             if self.runtime == "fake":
                 rank_zero_info(f"runtime 'auto' on {self.device.type}: 'fake' (on a GPU the int8 runtime measured "
-                               f"slower than fake-quant, benchmarks/RESULTS.md; runtime: int runs it anyway)")
+                               f"slower than fake-quant, docs/benchmarks.md; runtime: int runs it anyway)")
         if self.runtime != "int":
             return
         probe = torch.zeros(1, *self.image_shape, device=self.device), torch.full((1,), 500.0, device=self.device)
