@@ -1,14 +1,28 @@
-"""mmqdiff command line: ``python cli.py fit|predict --config configs/...yaml``.
+"""mmqdiff command line (``[project.scripts]``; ``python -m mmqdiff.cli`` and a checkout's ``python cli.py`` are the same):
 
-Each config names its LightningModule / LightningDataModule by ``class_path``; LightningCLI writes the
-resolved config next to the run's outputs.
+    mmqdiff fit|predict --config configs/...yaml [--section.key value ...]   LightningCLI
+    mmqdiff pipeline [--config configs/embedded/main.yaml]                     the main job, mmqdiff.pipeline
+
+Each LightningCLI config names its LightningModule / LightningDataModule by ``class_path``; LightningCLI writes the
+resolved config next to the run's outputs. A ``--config`` path that does not exist from the working directory, such
+as ``configs/embedded/sample.yaml`` outside the repository, is the config of that name shipped with the package
+(``mmqdiff.io.shipped_path``); paths inside a config stay relative to the working directory. Lightning's info lines
+and third-party deprecation warnings go to the run's ``mmqdiff.log`` (``mmqdiff.lightning.run_log``).
 """
 from __future__ import annotations
 
+import runpy
+import sys
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from .io import shipped_path
+from .lightning.checkpoint_io import unreadable_checkpoint
+from .lightning import OpenRunLog, RunLog, run_log
+from .quant.allocator import keep_freed_memory
 
 
 class SaveConfigAtStart(SaveConfigCallback):
@@ -25,6 +39,29 @@ class SaveConfigAtStart(SaveConfigCallback):
         super().setup(trainer, pl_module, "predict")
 
 
+class MMQDiffCLI(LightningCLI):
+    """LightningCLI whose trainer opens ``run_log`` in the run folder when the run starts."""
+
+    def __init__(self, run_log: RunLog, **kwargs: Any):
+        self.run_log = run_log
+        super().__init__(**kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(OpenRunLog(self.run_log))
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI loads an explicit ``--ckpt_path`` file for its hyperparameters before any trainer exists: a
+        damaged one gets the message the run's own checkpoint reader gives, not torch's raw text."""
+        try:
+            super()._parse_ckpt_path()
+        except Exception as e:
+            if _raised_by_jsonargparse(e):
+                raise
+            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
+
+
 def _raised_by_jsonargparse(error: BaseException) -> bool:
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -39,26 +76,49 @@ def project_error(error: BaseException) -> BaseException:
         error = error.__cause__
     return error
 
-import mmqdiff.lightning  # noqa: F401  (keeps Lightning's promotional tips out of the output)
-from mmqdiff.quant.allocator import keep_freed_memory
+
+def shipped_configs(args: list[str]) -> list[str]:
+    """``args`` with each ``--config`` path (``--config X`` or ``--config=X``) resolved by ``shipped_path``."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = f"--config={shipped_path(arg[len('--config='):])}"
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = str(shipped_path(out[i + 1]))
+    return out
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    """Errors raised while the CLI builds the model or data (a missing checkpoint, a bad setting) surface as
-    themselves, so the project's message is the last line printed, once. Every process (each rank re-runs this)
-    keeps freed memory for reuse (``mmqdiff.quant.allocator``)."""
+    """LightningCLI's fit / predict / validate / test. Errors raised while the CLI builds the model or data (a missing
+    checkpoint, a bad setting) surface as themselves, so the project's message is the last line printed, once. Every
+    process (each rank re-runs this) keeps freed memory for reuse (``mmqdiff.quant.allocator``)."""
     keep_freed_memory()
-    try:
-        return LightningCLI(subclass_mode_model=True, subclass_mode_data=True, args=args,
-                            save_config_callback=SaveConfigAtStart, save_config_kwargs={"overwrite": True},
-                            auto_configure_optimizers=False)
-    except Exception as e:
-        cause = project_error(e)
-        if cause is e:
-            raise
-        cause.__suppress_context__ = True  # hides the wrapper (and its Namespace dump); the cause's own cause stays
-        raise cause
+    if args is None:  # resolved in place: LightningCLI reads sys.argv itself, and DDP ranks re-run it
+        sys.argv[1:] = shipped_configs(sys.argv[1:])
+    else:
+        args = shipped_configs(args)
+    with run_log() as log:
+        try:
+            return MMQDiffCLI(log, subclass_mode_model=True, subclass_mode_data=True, args=args,
+                              save_config_callback=SaveConfigAtStart, save_config_kwargs={"overwrite": True},
+                              auto_configure_optimizers=False)
+        except Exception as e:
+            cause = project_error(e)
+            if cause is e:
+                raise
+            cause.__suppress_context__ = True  # hides the wrapper (and its Namespace dump); the cause's own cause stays
+            raise cause
+
+
+def run() -> None:
+    """The ``mmqdiff`` command: ``pipeline ARGS`` is ``python -m mmqdiff.pipeline ARGS`` (its own argument parsing
+    and exit status), anything else goes to ``main``."""
+    if sys.argv[1:2] == ["pipeline"]:
+        sys.argv[:] = ["mmqdiff pipeline", *shipped_configs(sys.argv[2:])]
+        runpy.run_module("mmqdiff.pipeline", run_name="__main__")
+    else:
+        main()
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -24,6 +24,22 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_PACKAGE = Path(__file__).resolve().parent
+# where the repository's checkpoints/ and configs/ are found: inside an installed package (setup.py ships them as
+# mmqdiff/checkpoints/ and mmqdiff/configs/<name>/, beside the model configs), else at a source checkout's root
+SHIPPED_ROOTS = (_PACKAGE, _PACKAGE.parent) if (_PACKAGE.parent / "pyproject.toml").is_file() else (_PACKAGE,)
+
+
+def shipped_path(path: str | Path) -> Path:
+    """``path`` itself, unless it is a relative ``checkpoints/...`` or ``configs/...`` path that does not exist from
+    the working directory: then the file of that name shipped with the package (the embedded default's weights, the
+    user configs), so the shipped configs run from any folder. A file the user has at that path always wins; with no
+    shipped file either, ``path`` comes back unchanged for the caller's own "not found" error."""
+    path = Path(path)
+    if path.is_absolute() or path.parts[:1] not in (("checkpoints",), ("configs",)) or path.exists():
+        return path
+    return next((root / path for root in SHIPPED_ROOTS if (root / path).exists()), path)
+
 
 def brief_error(error: BaseException) -> str:
     """``Type: first sentence`` of an exception from a library, for messages of our own that name the file."""

@@ -10,14 +10,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..io import brief_error
+from ..io import brief_error, shipped_path
 from .convert import ddim_config_from_diffusers, diffusers_to_ddim_state_dict, is_diffusers_state_dict
 from .unet import Model
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes; a shipped ``checkpoints/...`` path resolves as in ``load_checkpoint``."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(shipped_path(path), "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -92,9 +93,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     Formats: a torch file (read weights-only: a plain state_dict, ermongroup's checkpoint list, a Lightning
     checkpoint) or ``.safetensors``; either in the ddim layout or in diffusers ``UNet2DModel`` layout (e.g.
     ``google/ddpm-cifar10-32``'s ``diffusion_pytorch_model.safetensors``/``.bin``), which is converted exactly
-    (:mod:`mmqdiff.diffusion.convert`).
+    (:mod:`mmqdiff.diffusion.convert`). A relative ``checkpoints/<name>`` missing from the working directory is the
+    file shipped with the package (``mmqdiff.io.shipped_path``).
     """
-    path = Path(path)
+    path = shipped_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}. Download it yourself and pass its local path "
                                 "(nothing is fetched at run time).")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io import atomic_save
+from ..io import atomic_save, shipped_path
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 CONFIG_KEYS = ("num_classes", "in_channels", "width", "feature_dim")
@@ -55,8 +55,10 @@ def save_feature_extractor(model: SmallClassifier, path: str | Path) -> Path:
 
 
 def load_feature_extractor(path: str | Path, map_location: str | torch.device = "cpu") -> SmallClassifier:
-    """Build and strictly load a ``SmallClassifier`` in eval mode; every failure names the file and the problem."""
-    path = Path(path)
+    """Build and strictly load a ``SmallClassifier`` in eval mode; every failure names the file and the problem. A
+    relative ``checkpoints/<name>`` missing from the working directory is the file shipped with the package
+    (``mmqdiff.io.shipped_path``)."""
+    path = shipped_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature extractor file not found: {path} (train one with "
                                 f"`python cli.py fit --config configs/embedded/train_classifier.yaml`)")
@@ -171,5 +173,6 @@ class InceptionExtractor(FeatureExtractor):
 
 
 def embedded_extractor(path: str | Path = "checkpoints/embedded_features.pt") -> ClassifierExtractor:
-    """The shipped ``SmallClassifier`` as a metric feature extractor."""
+    """The shipped ``SmallClassifier`` (or the one at ``path``, resolved as in ``load_feature_extractor``) as a metric
+    feature extractor."""
     return ClassifierExtractor(load_feature_extractor(path))
