@@ -11,6 +11,19 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..io import atomic_save, brief_error, keep_previous
 
 PREVIOUS_NAME = "previous.ckpt"  # not "last*": Lightning's --ckpt_path last would consider it
+LAST_NAME = "last.ckpt"
+
+
+def unreadable_checkpoint(path: str | Path, error: BaseException) -> ValueError:
+    """The error for a checkpoint that does not load (truncated, overwritten, or a payload that weights-only loading
+    refuses): the file, the reason, and the other checkpoint kept beside it to resume from, if any."""
+    path = Path(path)
+    others = [p for p in (path.with_name(PREVIOUS_NAME), path.with_name(LAST_NAME))
+              if p.is_file() and os.path.abspath(p) != os.path.abspath(path)]
+    way = (f"the {'previous' if others[0].name == PREVIOUS_NAME else 'last'} checkpoint is kept: resume from it with "
+           f"--ckpt_path {others[0]}" if others else
+           "no earlier checkpoint is kept, so the run must start over (--model.init_args.overwrite true)")
+    return ValueError(f"{path}: cannot be read as a calibration checkpoint ({brief_error(error)}); {way}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -41,11 +54,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checkpoint = super().load_checkpoint(path, *args, **kwargs)
         except FileNotFoundError:
             raise
-        except Exception as e:  # truncated, overwritten, or a payload that weights-only loading refuses
-            prev = self.previous(path)
-            way = (f"the previous checkpoint is kept: resume from it with --ckpt_path {prev}"
-                   if prev.is_file() and os.path.abspath(prev) != os.path.abspath(path) else
-                   "no earlier checkpoint is kept, so the run must start over (--model.init_args.overwrite true)")
-            raise ValueError(f"{path}: cannot be read as a calibration checkpoint ({brief_error(e)}); {way}") from e
+        except Exception as e:
+            raise unreadable_checkpoint(path, e) from e
         self._readable.add(os.path.abspath(path))
         return checkpoint
