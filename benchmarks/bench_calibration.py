@@ -7,8 +7,8 @@ full-size CIFAR-10 blocks (random weights and inputs: cost does not depend on va
     .venv/bin/python benchmarks/bench_calibration.py --threads 1 --convergence outputs/convergence/runs.jsonl
     .venv/bin/python benchmarks/bench_calibration.py --threads 1 --autocast none bfloat16
 
-The second form times the reconstruction schedules of a convergence sweep (bench_convergence.py) side by side and
-reports each one's wall time to the reference schedule's converged held-out error.
+The second form times the reconstruction schedules of a convergence sweep (scripts/experiments/bench_convergence.py)
+side by side and reports each one's wall time to the reference schedule's converged held-out error.
 
 Runs on CUDA when available (``--device cpu`` to force). Peak memory: CUDA max allocated per measurement (reset
 before each); on CPU the process peak RSS, which only grows (so each row reports the peak so far).
@@ -126,7 +126,7 @@ def time_to_target(fp, xs, ts, convergence: Path, repeats: int, device: torch.de
     """Wall time to the reference schedule's converged held-out error (its largest budget in the convergence
     results): the schedules differ only in learning rate, so both are timed here side by side, interleaved, as
     ``fixed + per-iteration x iterations`` from two budgets; the iterations each needs come from
-    bench_convergence.py's held-out results (K=1)."""
+    scripts/experiments/bench_convergence.py's held-out results (K=1)."""
     rows = [json.loads(line) for line in convergence.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["k"] == 1 and r.get("segment_scale") is None and not r.get("init_from")]
     sensitivity = eps_sensitivity(timesteps(100, "quad"), linear_betas())
@@ -184,8 +184,8 @@ def main() -> list[str]:
     ap.add_argument("--cifar-segment", type=int, nargs=3, metavar=("PAIRS", "W", "A"),
                     help="also time a whole CIFAR-10 segment (random data) at these sizes, e.g. 5120 200 50 (GPU)")
     ap.add_argument("--append", type=Path, help="append the tables to this markdown file")
-    ap.add_argument("--convergence", type=Path, help="bench_convergence.py results: also time each schedule to the "
-                    "reference's converged held-out error (and skip the per-unit tables)")
+    ap.add_argument("--convergence", type=Path, help="scripts/experiments/bench_convergence.py results: also time "
+                    "each schedule to the reference's converged held-out error (and skip the per-unit tables)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--autocast", nargs="+", default=["none"], choices=["none", "bfloat16"],
                     help="recon.autocast modes, timed one after the other per unit and segment (ratios to the first)")

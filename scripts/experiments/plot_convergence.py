@@ -1,6 +1,6 @@
 """Plot and tabulate bench_convergence.py results: held-out error against FP versus reconstruction iterations.
 
-    .venv/bin/python benchmarks/plot_convergence.py outputs/convergence/runs.jsonl --out docs/convergence.png
+    .venv/bin/python scripts/experiments/plot_convergence.py outputs/convergence/runs.jsonl --out docs/convergence.png
 
 One line per (K, lr_w, per-segment budget shape); x: weight iterations per unit (activation iterations in each row's ratio), y: held-out
 sample-space error (left) and the plain mean over steps (right). Prints a markdown table of every row.

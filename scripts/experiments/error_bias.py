@@ -6,7 +6,7 @@ the held-out x-MSE is. Systematic errors of successive steps push every sample t
 coherently along the trajectory: ``mean(|sum_i s_i b_i|^2)`` measures that, against ``sum_i s_i^2 mean(b_i^2)`` if
 they did not. This tests whether one model per segment loses fidelity to FP through segment-specific biases.
 
-    .venv/bin/python benchmarks/error_bias.py outputs/embedded/calib_k1 outputs/embedded/calib_k4 \
+    .venv/bin/python scripts/experiments/error_bias.py outputs/embedded/calib_k1 outputs/embedded/calib_k4 \
         outputs/embedded/calib_k1_eq [--calibration outputs/embedded/calib.pt] [--trajectories 192 256]
 """
 from __future__ import annotations

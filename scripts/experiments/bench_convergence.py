@@ -1,9 +1,11 @@
 """Convergence of W4A8 calibration on the embedded default: held-out noise-prediction error against FP as a function
 of the reconstruction budget, for K=1 and K>1, and the wall time each budget costs (measured in this run).
 
-    .venv/bin/python benchmarks/bench_convergence.py --k 1 --iters 160 320 640 1280 --out outputs/convergence/k1.jsonl
-    .venv/bin/python benchmarks/bench_convergence.py --k 1 --iters 160 --set lr_w=0.008 --out ...
-    .venv/bin/python benchmarks/bench_convergence.py --k 4 --iters 120 --init-from outputs/embedded/calib_k1 ...
+    .venv/bin/python scripts/experiments/bench_convergence.py --k 1 --iters 160 320 640 1280 \\
+        --out outputs/convergence/k1.jsonl
+    .venv/bin/python scripts/experiments/bench_convergence.py --k 1 --iters 160 --set lr_w=0.008 --out ...
+    .venv/bin/python scripts/experiments/bench_convergence.py --k 4 --iters 120 \\
+        --init-from outputs/embedded/calib_k1 ...
 
 ``--init-from`` warm-starts every segment from a finished K=1 calibration run (``SegmentCalibration(init_from=)``)
 and fine-tunes it with ``--iters``; the row's ``compute`` adds the base run's iterations. ``--iters 0`` scores the

@@ -2,7 +2,7 @@
 paired difference to a reference arm with its 95% t interval over seeds (``mmqdiff.evaluation.seeds``), plus a PNG with each
 seed's runs joined across arms.
 
-    .venv/bin/python benchmarks/seed_summary.py outputs/embedded/report_seeds/report.json \\
+    .venv/bin/python scripts/experiments/seed_summary.py outputs/embedded/report_seeds/report.json \\
         --reference "W4A8 K=4" --out docs/embedded_seeds.png
 """
 from __future__ import annotations
