@@ -1,7 +1,9 @@
 """Safe file handling shared by every stage.
 
 Atomic writes: every artefact goes to a temporary file beside its target, then is renamed into place, so an
-interrupted run never leaves a half-written checkpoint, image or report behind; a failed write names its target.
+interrupted run never leaves a half-written checkpoint, image or report behind; a failed write names its target
+(a full disk as "no space left on device: <target>"). Temporaries of a writer killed before its rename are removed
+by the next write into their folder.
 Run locks: one process (or one multi-process run, through its rank 0) owns a run folder at a time.
 """
 from __future__ import annotations
@@ -56,9 +58,47 @@ def brief_error(error: BaseException) -> str:
 
 def _write_error(path: Path, error: BaseException) -> OSError:
     """An OSError that names ``path`` (torch.save's own errors name no file, or only the temporary one)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(error.errno, f"no space left on device: {path} ({error.strerror}); free space in "
+                                    f"{path.parent} and run again")
     if isinstance(error, OSError) and error.errno is not None:
         return OSError(error.errno, f"cannot write {path} ({error.strerror})")  # same subclass: PermissionError...
     return OSError(f"cannot write {path} ({type(error).__name__}: {error})")
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp([0-9]+)")  # atomic_path's temporaries: .<name>.tmp<pid>
+_SWEPT: set[str] = set()  # folders whose stale temporaries this process removed (once each: image folders are big)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporaries in ``folder`` whose writer no longer runs (killed before its rename)."""
+    key = os.path.abspath(folder)
+    if key in _SWEPT:
+        return
+    _SWEPT.add(key)
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _TEMPORARY.fullmatch(entry.name)
+            if match and int(match[1]) != os.getpid() and entry.is_file(follow_symlinks=False) \
+                    and not _pid_alive(int(match[1])):
+                try:
+                    Path(entry.path).unlink(missing_ok=True)
+                except OSError as e:  # not ours to remove: leave it
+                    log.warning("%s: left by process %s, which no longer runs; cannot remove it (%s)", entry.path,
+                                match[1], e.strerror)
+                else:
+                    log.warning("%s: removed a temporary file left by process %s, which no longer runs",
+                                entry.path, match[1])
 
 
 @contextmanager
@@ -69,6 +109,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path.parent)
         yield tmp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
@@ -79,8 +120,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_save(obj: object, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` through a Python file object: a failed write keeps its errno (a full disk reads as such, not
+    as torch's "unexpected pos"), and the archive's inner name no longer depends on the file name."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return Path(path)
 
 

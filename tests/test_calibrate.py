@@ -21,6 +21,7 @@ import cli
 from mmqdiff import pipeline
 from mmqdiff.data import (CalibrationFile, equal_share_boundaries, load_calibration, record_trajectories,
                           save_calibration, select_steps)
+from mmqdiff.data.calibration import calibration_sha256
 from mmqdiff.diffusion import (build_model, eps_sensitivity, file_sha256, linear_betas, load_checkpoint, load_config,
                                state_dict_sha256, timesteps)
 from mmqdiff.evaluation.heldout import damage_boundaries, heldout_error_of_run, heldout_step_error
@@ -97,7 +98,7 @@ def test_manifest_describes_the_run(world, finished):
     assert m["fp_model"]["sha256"] == state_dict_sha256(world["model"])
     assert m["fp_model"]["file_sha256"] == file_sha256(world["checkpoint"])
     assert m["fp_model"]["config_dict"] == load_config(world["config"])
-    assert m["calibration"]["sha256"] == file_sha256(world["calibration"])
+    assert m["calibration"]["sha256"] == calibration_sha256(world["calibration"])
     assert m["calibration"]["meta"] == world["meta"]
     assert m["quant_config"]["split_shortcut"] and m["quant_config"]["unit_order"] == "forward"
     assert m["reconstruction"]["cali_iters"] == 4 and m["reconstruction"]["eval_mode"] is True
@@ -258,12 +259,12 @@ def test_unwritable_output_folder_is_refused(world, tmp_path):
 
 
 def test_non_finite_loss_stops_at_the_unit_and_keeps_the_last_good_checkpoint(world, tmp_path):
-    bad = tmp_path / "huge.pt"
-    huge = world["xs"] / world["xs"].abs().max() * 1e37  # finite inputs that overflow inside the network
-    save_calibration(bad, huge, world["ts"], world["meta"])
+    sd = {k: v.clone() for k, v in world["model"].state_dict().items()}
+    sd["conv_out.weight"] *= 1e36  # finite weights whose outputs overflow float32 in the reconstruction loss
+    torch.save(sd, tmp_path / "huge.pt")
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"unit (\S+): weight-phase loss is") as err:
-        fit(world, run_dir, calibration=bad)
+        fit(world, run_dir, extra=["--model.init_args.checkpoint", str(tmp_path / "huge.pt")])
     unit = err.value.args[0].split()[1].rstrip(":")
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["mmqdiff_calibration"]
     assert ckpt["signature"]["units"].index(unit) == ckpt["next_item"] > 0  # every earlier unit is saved

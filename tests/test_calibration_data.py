@@ -8,6 +8,7 @@ import yaml
 import cli
 from mmqdiff.data import (load_calibration, read_calibration_meta, record_trajectories, save_calibration,
                           select_steps, timestep_segments, trajectory_generator)
+from mmqdiff.data.calibration import calibration_sha256
 from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_betas, state_dict_sha256, timesteps
 from mmqdiff.lightning.calib_data import CalibrationDataModule
 from mmqdiff.lightning.generate import CalibrationGenerator, CalibrationWriter, TrajectoryDataModule
@@ -23,12 +24,20 @@ def t_of_step(num_steps):
     return torch.tensor(timesteps(num_steps, "quad")[::-1], dtype=torch.float32)
 
 
+SCALE = 2048  # keeps the codes below the reader's plausibility bound on |x|, exactly (a power of two)
+
+
+def code(x):
+    """The 1000 i + j that ``encoded`` stored in an xs entry."""
+    return (x * SCALE).long()
+
+
 def encoded(num_steps=100, n=6, extra_x=True):
-    """xs[i][j] is filled with 1000 i + j, so every selected entry tells where it came from; ts[i][j] is the t of
-    step i in the quad schedule."""
+    """xs[i][j] is filled with (1000 i + j) / SCALE, so every selected entry tells where it came from (``code``);
+    ts[i][j] is the t of step i in the quad schedule."""
     i = torch.arange(num_steps + extra_x, dtype=torch.float32)[:, None]
     j = torch.arange(n, dtype=torch.float32)[None, :]
-    xs = (1000 * i + j)[:, :, None, None, None].expand(-1, -1, *IMG).clone()
+    xs = ((1000 * i + j) / SCALE)[:, :, None, None, None].expand(-1, -1, *IMG).clone()
     ts = t_of_step(num_steps)[:, None].expand(-1, n).clone()
     return xs, ts
 
@@ -86,7 +95,7 @@ def test_segment_selection_stays_in_segment(tmp_path):
     path = write(tmp_path, dict(zip(("xs", "ts"), encoded(100))))
     for seg in timestep_segments(100, 4, [10, 40, 70]):
         x, t = load_calibration(path, cali_st=5, cali_n=3, steps=seg)
-        step, traj = (x[:, 0, 0, 0] // 1000).long(), (x[:, 0, 0, 0] % 1000).long()
+        step, traj = code(x[:, 0, 0, 0]) // 1000, code(x[:, 0, 0, 0]) % 1000
         assert step.unique().tolist() == select_steps(seg, 5)
         assert traj.tolist() == [0, 1, 2] * len(select_steps(seg, 5))
         assert torch.equal(t, t_of_step(100)[step])
@@ -187,7 +196,7 @@ def test_datamodule_serves_segment(tmp_path, capsys):
     for _ in range(3):
         batch = next(stream)
         assert list(batch) == [1] and all(a is b for a, b in zip(batch[1], dm.selected[1]))  # no copies
-    assert dm.sha256 == file_sha256(path) and dm.meta == {"model_sha256": "abc", "num_steps": 100,
+    assert dm.sha256 == calibration_sha256(path) and dm.meta == {"model_sha256": "abc", "num_steps": 100,
                                                           "skip_type": "quad"}
     both = CalibrationDataModule(str(path), num_steps=100, k=4, segment=[0, 3], cali_st=5, cali_n=3)
     both.select()
@@ -209,7 +218,7 @@ def test_overlap_widens_each_calibration_window_not_the_segments(tmp_path):
         x, t = dm.selected[s]
         assert torch.equal(x, load_calibration(path, 5, 3, steps=window)[0])
         # xs encode 1000 * step + trajectory: the pairs come from the window's steps by the reference rule
-        assert sorted({int(v) // 1000 for v in x[:, 0, 0, 0]}) == select_steps(window, 5)
+        assert sorted(set((code(x[:, 0, 0, 0]) // 1000).tolist())) == select_steps(window, 5)
     assert [r["window"] for r in dm.summary] == [(w[0], w[-1]) for w in windows]
     assert CalibrationDataModule(str(path), num_steps=100, k=4).window(1) == range(25, 50)  # default: no overlap
 

@@ -115,7 +115,15 @@ def test_timestep_sequences_match_reference_rule():
     assert quad[-5:] == [736, 752, 768, 783, 800]
     assert timesteps(10, "quad") == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
     assert timesteps(100, "uniform") == list(range(0, 1000, 10))
-    assert timesteps(3, "uniform") == [0, 333, 666, 999]  # 1000 // 3 = 333: the reference gives 4 entries
+    assert timesteps(50, "uniform") == list(range(0, 1000, 20)) and timesteps(1000, "uniform") == list(range(1000))
+    # 1000 // 3 = 333: the reference rule gives 4 entries for 3 steps, which sampling and calibration data then
+    # counted differently (an IndexError, a file whose meta disagrees with its content)
+    with pytest.raises(ValueError, match=r"skip_type 'uniform' needs num_steps to divide num_diffusion_timesteps=1000, "
+                                         r"got num_steps=3 \(the reference rule would give 4 steps\); use a divisor "
+                                         r"such as 2 or 4, or skip_type 'quad'"):
+        timesteps(3, "uniform")
+    with pytest.raises(ValueError, match="got num_steps=30 .* such as 25 or 40"):
+        timesteps(30, "uniform")
     with pytest.raises(ValueError, match="skip_type"):
         timesteps(10, "cosine")
 

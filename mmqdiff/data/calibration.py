@@ -6,7 +6,8 @@ File format (Q-Diffusion's ``cifar_sd1236_sample2048_allst.pt``): a mapping with
 (an extra last entry is the final sample), and ``ts`` -- per step the timesteps, [T, N] or a list of [N] tensors,
 float or integer. Index i is the step index (0 = first, noisiest step). Files made here add ``meta`` (a dict of
 plain values: model hash, schedule, seed, ...). Files are read weights-only and memory-mapped, so selecting a few
-steps of a multi-GB file reads only those.
+steps of a multi-GB file reads only those. ``xs`` must be floating point, and every selected state finite and
+within ``STATE_BOUND`` (no DDIM trajectory leaves it; a diverged model or data scaled by mistake do).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..diffusion.sampler import IndexedNoise, ddim_sample, trajectory_generator
-from ..diffusion.checkpoint import file_sha256
+from ..diffusion.sampler import STATE_BOUND, IndexedNoise, ddim_sample, trajectory_generator
+from ..diffusion.checkpoint import state_dict_sha256
 from ..io import atomic_path, brief_error
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ class CalibrationFile:
             raise ValueError(f"{self.path}: missing key(s) {missing}; found {sorted(map(str, obj))}")
         self.xs, x_shape = _entries(obj, "xs", self.path, 4)
         self.ts, t_shape = _entries(obj, "ts", self.path, 1)
+        x_dtype = (self.xs if isinstance(self.xs, torch.Tensor) else self.xs[0]).dtype
+        if not x_dtype.is_floating_point:
+            raise ValueError(f"{self.path}: 'xs' holds {x_dtype} values; the model inputs x_t must be floating point "
+                             "(float32, float16 or bfloat16)")
         self.num_steps = len(self.ts)
         if len(self.xs) not in (self.num_steps, self.num_steps + 1):
             raise ValueError(f"{self.path}: 'xs' has {len(self.xs)} steps but 'ts' has {self.num_steps} "
@@ -142,6 +147,11 @@ class CalibrationFile:
             if not finite.all():
                 raise ValueError(f"{self.path}: non-finite values in '{name}' at step(s) "
                                  f"{[chosen[j] for j in (~finite).nonzero().flatten().tolist()][:5]}")
+        bad = state_problem(xs.view(len(chosen), cali_n, *xs.shape[1:]))
+        if bad is not None:
+            step, traj, what = bad
+            raise ValueError(f"{self.path}: 'xs' at step index {chosen[step]}, trajectory {traj} {what}; the file "
+                             "does not hold DDIM states of a working model (diverged, or scaled by mistake)")
         return xs, ts
 
     def check_image_shape(self, image_shape: Sequence[int]) -> None:
@@ -195,8 +205,32 @@ def load_calibration(path: str | Path, cali_st: int, cali_n: int, steps: Sequenc
 
 
 def calibration_sha256(path: str | Path) -> str:
-    """SHA-256 of a calibration file's bytes, after the same existence check as opening it."""
-    return file_sha256(_require_file(Path(path)))
+    """Identity of a calibration file's data: SHA-256 over every step's ``xs`` and ``ts`` entry (dtype, shape,
+    values), so the same data saved under another name, as a list instead of a stacked tensor, or with other
+    ``meta`` count as the same; the file bytes would not (torch's archive records the file name)."""
+    obj = _load(Path(path))
+    entries = {}
+    for key in ("xs", "ts"):
+        if key not in obj:
+            raise ValueError(f"{path}: missing key {key!r}; found {sorted(map(str, obj))}")
+        entries.update({f"{key}.{i:06d}": v for i, v in enumerate(obj[key])})
+    return state_dict_sha256(entries)
+
+
+def state_problem(xs: torch.Tensor) -> tuple[int, int, str] | None:
+    """(step, trajectory, what) of the first entry of ``xs`` [S, N, C, H, W] that no DDIM trajectory holds:
+    non-finite values, or |x| beyond ``STATE_BOUND``; None when all are plausible."""
+    flat = xs.flatten(2)
+    finite = torch.isfinite(flat).all(dim=2)
+    if not bool(finite.all()):
+        step, traj = (~finite).nonzero()[0].tolist()
+        return step, traj, "holds non-finite values"
+    peak = flat.abs().amax(dim=2)
+    if bool((peak > STATE_BOUND).any()):
+        step, traj = (peak > STATE_BOUND).nonzero()[0].tolist()
+        return step, traj, (f"reaches |x| = {float(peak[step, traj]):.3g}, beyond the {STATE_BOUND:g} that DDIM "
+                            "states stay within")
+    return None
 
 
 def read_calibration_meta(path: str | Path) -> dict[str, Any] | None:

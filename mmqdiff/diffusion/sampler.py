@@ -12,6 +12,20 @@ from .schedule import alpha_bar
 ModelForStep = Callable[[int], nn.Module]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
+# Largest |x| a DDIM state (x_t or the final image) of a sane model reaches. x_t = sqrt(a) x_0 + sqrt(1 - a) e with
+# |x_0| <= 1 and e standard normal, so |x_t| <= 1 + |e|; even 10^10 draws stay below 7.5 standard deviations, and a
+# trained model's DDIM trajectory keeps that law. 100 leaves a wide margin for imperfect (quantized) models while a
+# diverging model or data scaled by mistake (x 1e4) exceed it by orders of magnitude.
+STATE_BOUND = 100.0
+
+
+def check_eta(eta: float) -> float:
+    """``eta`` if it is in [0, 1]: 1 is DDPM's posterior variance; above it the DDIM update takes the square root of
+    a negative number (NaN images), and a negative eta is no DDIM setting."""
+    if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
+    return float(eta)
+
 
 def trajectory_generator(seed: int, index: int) -> torch.Generator:
     """CPU generator for trajectory ``index``: its noise depends only on (seed, index), never on batching or device."""
@@ -80,6 +94,7 @@ def ddim_sample(model_for_step: ModelForStep, x_T: torch.Tensor, seq: Sequence[i
                 eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: StepCallback | None = None,
                 noise_fn: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    check_eta(eta)
     """Run the DDIM trajectory from x_T; ``model_for_step(i)`` gives the network for step index i.
 
     ``callback(i, t, x_t, eps)`` sees every model input, which is how calibration data is recorded.

@@ -23,13 +23,21 @@ def betas_from_config(config: Mapping[str, Any]) -> torch.Tensor:
 def timesteps(num_steps: int, skip_type: str = "uniform", num_diffusion_timesteps: int = 1000) -> list[int]:
     """The reference step sequence in ascending t; sampling walks it in reverse (step index 0 = last entry).
 
-    ``quad`` keeps its duplicated small-t entries (100 steps: 96 distinct values, max t 800).
+    ``quad`` keeps its duplicated small-t entries (100 steps: 96 distinct values, max t 800). ``uniform`` needs
+    ``num_steps`` to divide ``num_diffusion_timesteps``: otherwise the reference rule ``range(0, T, T // num_steps)``
+    yields more than ``num_steps`` entries (3 steps: 4), which every consumer would count differently.
     """
     if not 1 <= num_steps <= num_diffusion_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_diffusion_timesteps}], got {num_steps}")
     if skip_type == "uniform":
-        skip = num_diffusion_timesteps // num_steps
-        return list(range(0, num_diffusion_timesteps, skip))
+        seq = list(range(0, num_diffusion_timesteps, num_diffusion_timesteps // num_steps))
+        if len(seq) != num_steps:
+            divisors = [d for d in range(1, num_diffusion_timesteps + 1) if num_diffusion_timesteps % d == 0]
+            near = max(d for d in divisors if d < num_steps), min(d for d in divisors if d > num_steps)
+            raise ValueError(f"skip_type 'uniform' needs num_steps to divide num_diffusion_timesteps="
+                             f"{num_diffusion_timesteps}, got num_steps={num_steps} (the reference rule would give "
+                             f"{len(seq)} steps); use a divisor such as {near[0]} or {near[1]}, or skip_type 'quad'")
+        return seq
     if skip_type == "quad":
         return [int(s) for s in np.linspace(0, np.sqrt(num_diffusion_timesteps * 0.8), num_steps) ** 2]
     raise ValueError(f"skip_type must be 'uniform' or 'quad', got {skip_type!r}")

@@ -367,6 +367,9 @@ class SegmentCalibration(LightningModule):
             Console().print(f"calibration stopped after {self.next_item}/{len(self.items)} work items; continue with "
                             "--ckpt_path last")
             return
+        if theirs.get("calibration_sha256") not in (mine["calibration_sha256"], None) and \
+                theirs["calibration_sha256"] == file_sha256(self.data.path):  # identified by file bytes back then
+            theirs = {**theirs, "calibration_sha256": mine["calibration_sha256"]}
         entries = {s: self._write_segment(s) for s in self.my_segments}
         gathered = gather_to_zero(entries)
         if gathered is not None:

@@ -16,9 +16,10 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.calibration import record_trajectories, save_calibration
+from ..data.calibration import record_trajectories, save_calibration, state_problem
 from ..diffusion import (betas_from_config, build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256,
                          timesteps)
+from ..diffusion.sampler import check_eta
 from ..io import RunLock, atomic_save
 from .run_lock import hold_run_lock
 from .strategy import decided_by_zero, gather_to_zero
@@ -56,6 +57,7 @@ class CalibrationGenerator(LightningModule):
     def __init__(self, config: str, checkpoint: str, num_steps: int = 100, skip_type: str = "quad", eta: float = 0.0,
                  seed: int = 0):
         super().__init__()
+        check_eta(eta)
         cfg = load_config(config)
         self.net = load_checkpoint(build_model(cfg), checkpoint)
         betas = betas_from_config(cfg)
@@ -78,7 +80,8 @@ class CalibrationWriter(BasePredictionWriter):
 
     With several ranks each writes a shard next to ``path`` that rank 0 merges (a shared filesystem is assumed).
     Before any sampling the target folder is probed for writing, ``<path>.lock`` is taken for the run, and an
-    existing ``path`` is refused unless ``overwrite``. Every batch's trajectories must be finite.
+    existing ``path`` is refused unless ``overwrite``. Every batch's trajectories must be finite and within
+    ``STATE_BOUND`` (``mmqdiff.data.calibration.state_problem``).
     """
 
     def __init__(self, path: str, overwrite: bool = False):
@@ -109,14 +112,15 @@ class CalibrationWriter(BasePredictionWriter):
         self._parts.append(prediction)
 
     def _non_finite(self, parts: list[dict[str, torch.Tensor]]) -> str | None:
-        """Where the first trajectory that turned NaN/inf does so (it would calibrate on garbage), or None."""
+        """Where the first trajectory that turned NaN/inf or implausibly large does so (it would calibrate on
+        garbage), or None."""
         for part in parts:
-            finite = torch.isfinite(part["xs"].flatten(2)).all(dim=2)  # [steps (+ final), trajectories]
-            if not bool(finite.all()):
-                step, col = (~finite).nonzero()[0].tolist()
+            bad = state_problem(part["xs"])  # xs: [steps (+ final), trajectories, ...]
+            if bad is not None:
+                step, col, what = bad
                 where = "the final sample" if step == part["xs"].shape[0] - 1 else f"step index {step}"
-                return (f"{self.path}: not written: trajectory {int(part['indices'][col])} holds non-finite values "
-                        f"(first at {where}); the FP model diverges with these settings")
+                return (f"{self.path}: not written: trajectory {int(part['indices'][col])} {what} (first at "
+                        f"{where}); the FP model diverges with these settings")
         return None
 
     def _refuse_non_finite(self, trainer: Trainer, parts: list[dict[str, torch.Tensor]]) -> None:
