@@ -30,9 +30,10 @@ import time
 import torch
 
 from mmqdiff.quant.allocator import keep_freed_memory
-from mmqdiff.data import segment_of_step, timestep_segments
-from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_checkpoint, segment_switch, timesteps
+from mmqdiff.data import timestep_segments
+from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_checkpoint, timesteps
 from mmqdiff.quant import IntegerSegments, QuantConfig, quantize_model, resident_nbytes, set_rounding, to_integer
+from mmqdiff.segments import SegmentedModel
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # cpu: CPU seconds of this process (all threads)
@@ -64,7 +65,7 @@ def time_runs(runs: dict[str, list[torch.nn.Module]], x_T: torch.Tensor, steps: 
     """Seconds (``clock``) of one DDIM sampling of ``x_T`` per run and round, the runs interleaved ``repeats``
     times (round r of every run ran back to back: paired)."""
     seq, betas = timesteps(steps, "quad"), linear_betas().to(x_T.device)
-    switches = {name: segment_switch(models, segment_of_step(timestep_segments(steps, len(models))))
+    switches = {name: SegmentedModel(timestep_segments(steps, len(models)), models, seq).model_for_step
                 for name, models in runs.items()}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():

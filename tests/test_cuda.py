@@ -94,7 +94,7 @@ def test_sampler_on_gpu_auto_is_fake_and_int_still_runs(tmp_path, tiny_model):
     _, auto, auto_images = sample(tmp_path, run, "auto", "auto", accelerator="gpu")
     sampler, forced, int_images = sample(tmp_path, run, "int", "int", accelerator="gpu")
     assert auto["runtime"] == "fake" and forced["runtime"] == "int"
-    assert isinstance(sampler.segment_models, IntegerSegments)
+    assert isinstance(sampler.segmented.models, IntegerSegments)
     assert psnr(auto_images, int_images) >= 40.0
 
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mmqdiff.data import record_trajectories, segment_of_step, timestep_segments
-from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_betas, load_checkpoint, segment_switch, \
-    timesteps
+from mmqdiff.data import record_trajectories, timestep_segments
+from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_betas, load_checkpoint, timesteps
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter, load_samples
+from mmqdiff.segments import SegmentedModel
 from mmqdiff.segments.run_folder import segment_dir, write_manifest
 from mmqdiff.evaluation.fidelity import psnr
 from mmqdiff.quant import (AdaRoundQuantizer, IntegerSegments, IntegerUNet, IntegerUnsupported, QuantConfig,
@@ -373,8 +373,8 @@ def check_images_match_fake_quant(embedded, trajectories, weight_bits: int, k: i
     seq, betas = timesteps(100, "quad"), linear_betas().to(device)
     x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)).to(device)
     with torch.inference_mode():
-        a = ddim_sample(segment_switch(fakes, segment_of_step(segments)), x_T, seq, betas)
-        b = ddim_sample(segment_switch(ints, segment_of_step(segments)), x_T, seq, betas)
+        a = ddim_sample(SegmentedModel(segments, fakes, seq).model_for_step, x_T, seq, betas)
+        b = ddim_sample(SegmentedModel(segments, ints, seq).model_for_step, x_T, seq, betas)
     to_unit = lambda z: (z.clamp(-1, 1) + 1) / 2  # noqa: E731
     assert psnr(to_unit(a), to_unit(b)) >= 40.0
 
@@ -504,8 +504,8 @@ def test_sampler_runs_the_integer_runtime_and_records_time(tmp_path, tiny_model)
     int_sampler, int_metrics, int_images = sample(tmp_path, run, "int", "int")
     _, fake_metrics, fake_images = sample(tmp_path, run, "fake", "fake")
     assert int_metrics["runtime"] == "int" and fake_metrics["runtime"] == "fake"
-    assert isinstance(int_sampler.segment_models, IntegerSegments)
-    models = list(int_sampler.segment_models.models)
+    assert isinstance(int_sampler.segmented.models, IntegerSegments)
+    models = list(int_sampler.segmented.models.models)
     assert len(models) == 2 and all(isinstance(m, IntegerUNet) for m in models)
     first, second = ({id(t): t for t in [*m.parameters(), *m.buffers()]} for m in models)
     shared = [first[i] for i in first.keys() & second.keys()]

@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from mmqdiff.data import segment_of_step, timestep_segments
-from mmqdiff.diffusion import Model, ddim_sample, linear_betas, segment_switch, timesteps
+from mmqdiff.data import timestep_segments
+from mmqdiff.diffusion import Model, ddim_sample, linear_betas, timesteps
 from mmqdiff.io import write_png
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter, load_samples
+from mmqdiff.segments import SegmentedModel
 
 from .conftest import ROOT, TINY, foreign_lock
 
@@ -35,7 +36,7 @@ def test_each_step_uses_the_model_of_its_segment():
     seq = timesteps(10, "quad")
     segments = timestep_segments(10, 3)
     models = [Recorder() for _ in segments]
-    ddim_sample(segment_switch(models, segment_of_step(segments)), torch.randn(1, 3, 8, 8), seq, linear_betas())
+    ddim_sample(SegmentedModel(segments, models, seq).model_for_step, torch.randn(1, 3, 8, 8), seq, linear_betas())
     t_by_step = list(reversed(seq))
     for model, seg in zip(models, segments):
         assert model.calls == [float(t_by_step[i]) for i in seg]
@@ -43,7 +44,7 @@ def test_each_step_uses_the_model_of_its_segment():
 
 def test_switch_rejects_model_count_mismatch():
     with pytest.raises(ValueError, match="2 models for 3 segments"):
-        segment_switch([Recorder(), Recorder()], [0, 1, 2])
+        SegmentedModel(timestep_segments(3, 3), [Recorder(), Recorder()], timesteps(3, "quad"))
 
 
 def _write_tiny(tmp_path, tiny_model):

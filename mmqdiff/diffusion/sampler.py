@@ -48,13 +48,6 @@ class IndexedNoise:
         return torch.cat([torch.randn((1, *self.shape), generator=g) for g in self.generators]).to(self.device)
 
 
-def segment_switch(models: Sequence[nn.Module], step_segment: Sequence[int]) -> ModelForStep:
-    """``model_for_step`` for K segment models: step i uses ``models[step_segment[i]]`` (a list lookup, no copy)."""
-    if len(models) != max(step_segment) + 1:
-        raise ValueError(f"{len(models)} models for {max(step_segment) + 1} segments")
-    return lambda i: models[step_segment[i]]
-
-
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, t: int, t_next: int, betas: torch.Tensor, eta: float = 0.0,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """One generalized DDIM update from t to t_next (t_next = -1 means the clean image); no x0 clipping."""

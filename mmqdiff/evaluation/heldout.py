@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ..data.calibration import CalibrationFile
-from ..data.segments import equal_share_boundaries, segment_of_step
-from ..diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint, timesteps
-from ..segments.run_folder import load_segment_models, read_manifest
+from ..data.segments import equal_share_boundaries
+from ..diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint
+from ..segments import SegmentedModel
+from ..segments.run_folder import read_manifest
 
 
 @torch.no_grad()
@@ -64,22 +65,22 @@ def quarter_means(per_step: Sequence[float]) -> list[float]:
 def load_run(run_dir: str | Path, calibration: str | Path) -> tuple[CalibrationFile, nn.Module,
                                                                      Callable[[int], nn.Module], list[float]]:
     """(the calibration file, checked against the run's schedule; the FP model; step index -> that step's segment
-    model, rebuilt from its packed export as the sampler uses it; per-step ``eps_sensitivity``) of a finished
-    calibration run."""
+    model, the run's :class:`~mmqdiff.segments.SegmentedModel` as the sampler loads it; per-step
+    ``eps_sensitivity``) of a finished calibration run."""
     manifest = read_manifest(run_dir)
     calib = CalibrationFile(calibration)
     if calib.num_steps != manifest["num_steps"]:
         raise ValueError(f"{calibration}: holds {calib.num_steps} steps, {run_dir} was calibrated for "
                          f"{manifest['num_steps']}")
-    config = manifest["fp_model"]["config_dict"]
-    betas = betas_from_config(config)
-    seq = timesteps(manifest["num_steps"], manifest["skip_type"], len(betas))
-    calib.check_schedule(seq)
-    fp = build_model(config)
-    load_checkpoint(fp, manifest["fp_model"]["checkpoint"]).eval()
-    segments, models = load_segment_models(run_dir, fp)
-    step_segment = segment_of_step(segments)
-    return calib, fp, lambda i: models[step_segment[i]], eps_sensitivity(seq, betas)
+    fp_record = manifest["fp_model"]
+    if not (fp_record.get("config_dict") and fp_record.get("checkpoint")):
+        raise ValueError(f"{run_dir}: the manifest records no FP model config and checkpoint (a folder saved by "
+                         "SegmentedModel.save without model_config / checkpoint); the FP model cannot be reloaded")
+    betas = betas_from_config(fp_record["config_dict"])
+    fp = load_checkpoint(build_model(fp_record["config_dict"]), fp_record["checkpoint"]).eval()
+    model = SegmentedModel.load(run_dir, fp)
+    calib.check_schedule(model.seq)
+    return calib, fp, model.model_for_step, eps_sensitivity(model.seq, betas)
 
 
 def _run_step_error(run_dir: str | Path, calibration: str | Path, trajectories: Sequence[int],

@@ -14,7 +14,6 @@ each segment's quant state and packed export go to ``segment_XX/`` and the run i
 from __future__ import annotations
 
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +26,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256, timesteps
-from ..segments.run_folder import (CKPT_KEY, LAST_CKPT, MANIFEST_NAME, cpu_state, warm_start_state, write_manifest,
-                        write_segment_files)
+from ..diffusion import build_model, load_checkpoint, load_config, state_dict_sha256, timesteps
+from ..segments.run_folder import (CKPT_KEY, LAST_CKPT, MANIFEST_NAME, add_item_stats, build_manifest,
+                                   calibration_record, cpu_state, fp_model_record, new_segment_stats, peak_mem_bytes,
+                                   run_record, segment_record, warm_start_state, write_manifest, write_segment)
 from ..quant import QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator, WarmStart, quant_state_dict
 from ..quant.reconstruction import ReconSettings, work_items
 from .calib_data import CalibrationDataModule, Pairs
@@ -198,7 +198,8 @@ class SegmentCalibration(LightningModule):
         device = trainer.strategy.root_device
         cfg = load_config(self.model_config)
         fp = self.nets.fp = load_checkpoint(build_model(cfg), self.checkpoint).to(device).eval().requires_grad_(False)
-        self.model_sha256, self.model_file_sha256 = state_dict_sha256(fp), file_sha256(self.checkpoint)
+        self.model_sha256 = state_dict_sha256(fp)
+        self.fp_record = fp_model_record(self.model_config, self.checkpoint, self.model_sha256)
         data.check_model([fp.in_channels, fp.resolution, fp.resolution], self.model_sha256)
         model_timesteps = cfg.get("diffusion", {}).get("num_diffusion_timesteps", 1000)
         if model_timesteps != data.num_diffusion_timesteps:
@@ -216,7 +217,7 @@ class SegmentCalibration(LightningModule):
         for s in self.my_segments:  # segments are never empty (timestep_segments), nor their selection
             self.nets.segments[s] = SegmentCalibrator(fp, self.quant, self.segment_recon(s), seed=self.seed,
                                                       segment=s, init_state=init_state, warm=self.warm)
-            self.stats[s] = {"wall_seconds": 0.0, "peak_mem_bytes": 0, "units": []}
+            self.stats[s] = new_segment_stats()
         any_model = (self.nets.segments[self.my_segments[0]].qmodel if self.my_segments
                      else QuantizedUNet(fp, self.quant))
         self.units = list(any_model.unit_names)
@@ -292,16 +293,10 @@ class SegmentCalibration(LightningModule):
             raise RuntimeError(f"segment {s} is at work item {calibrator.next_item}, the run at {self.next_item}")
         unit, phase = self.items[self.next_item]
         name, n = self.units[unit], len(self.units)
-        cuda = self.device.type == "cuda"
-        if cuda:
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         stats = calibrator.run_item(xs, ts, self.reporter.item(s, unit, n, name, phase)).stats
-        peak = (torch.cuda.max_memory_allocated(self.device) if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        seg = self.stats[s]
-        seg["wall_seconds"] += stats["item_seconds"]
-        seg["peak_mem_bytes"] = max(seg["peak_mem_bytes"], int(peak))
-        seg["units"].append({"unit": name, "phase": phase, **stats})
+        add_item_stats(self.stats[s], name, phase, stats, peak_mem_bytes(self.device))
         self.reporter.done(s, unit, n, name, phase, stats)
         return stats
 
@@ -325,11 +320,6 @@ class SegmentCalibration(LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.next_item)
             logger.save()
-
-    @property
-    def peak_mem_kind(self) -> str:
-        return ("cuda_max_memory_allocated" if self.device.type == "cuda"
-                else "process_peak_rss (shared by the segments of one process)")
 
     # ----------------------------------------------------------------------------------------------- state
     def _elapsed(self) -> float:
@@ -379,33 +369,16 @@ class SegmentCalibration(LightningModule):
         self.trainer.strategy.barrier()
 
     def _write_segment(self, s: int) -> dict[str, Any]:
-        q, steps, (xs, ts) = self.nets.segments[s].qmodel, self.data.segments[s], self.data.selected[s]
-        window = self.data.window(s)
-        recon = self.segment_recon(s)
-        return {"index": s, "steps": [steps.start, steps.stop], "iters": [recon.cali_iters, recon.cali_iters_a],
-                "t_range": [self.t_of_step[steps.start], self.t_of_step[steps.stop - 1]],
-                "window": [window.start, window.stop],
-                "pairs": len(xs), "calib_t_range": [int(ts.max()), int(ts.min())],
-                **write_segment_files(self.run_dir, s, q, self.quant.quant_act),
-                "wall_seconds": self.stats[s]["wall_seconds"], "peak_mem_bytes": self.stats[s]["peak_mem_bytes"],
-                "rank": self.trainer.global_rank,
-                "units": [{k: u[k] for k in ("unit", "phase", "rec_first", "rec_last", "item_seconds")}
-                          for u in self.stats[s]["units"]]}
+        record = segment_record(s, self.data.segments[s], self.data.window(s), self.t_of_step, self.segment_recon(s),
+                                self.data.selected[s][1], self.stats[s], self.trainer.global_rank)
+        return write_segment(self.run_dir, record, self.nets.segments[s].qmodel, self.quant.quant_act)
 
     def _manifest(self, segments: list[dict[str, Any]]) -> dict[str, Any]:
         data = self.data
-        return {"k": data.k, "num_steps": data.num_steps, "skip_type": data.skip_type, "segments": segments,
-                "weight_bits": self.quant.weight_bits, "act_bits": self.quant.act_bits if self.quant.quant_act else 32,
-                "quant_config": asdict(self.quant), "reconstruction": asdict(self.recon), "seed": self.seed,
-                "segment_scale": self.segment_scale, "init_from": self._init_from_entry(with_path=True),
-                "units": self.units, "fp_model": {"config": str(self.model_config),
-                                                  "config_dict": load_config(self.model_config),
-                                                  "checkpoint": str(self.checkpoint), "sha256": self.model_sha256,
-                                                  "file_sha256": self.model_file_sha256},
-                "calibration": {"path": str(data.path), "sha256": data.sha256, "cali_st": data.cali_st,
-                                "cali_n": data.cali_n, "overlap": data.overlap, "meta": data.meta},
-                "wall_seconds": self._elapsed(), "peak_mem_kind": self.peak_mem_kind,
-                "peak_mem_bytes": max(seg["peak_mem_bytes"] for seg in segments),
-                "model_bytes": sum(seg["model_bytes"] for seg in segments),
-                "world_size": self.trainer.world_size, "device": str(self.device),
-                "torch_threads": torch.get_num_threads()}
+        calibration = calibration_record(data.path, data.sha256, data.cali_st, data.cali_n, data.overlap, data.meta)
+        run = run_record(num_steps=data.num_steps, skip_type=data.skip_type, quant=self.quant, recon=self.recon,
+                         seed=self.seed, segment_scale=self.segment_scale,
+                         init_from=self._init_from_entry(with_path=True), units=self.units, fp_model=self.fp_record,
+                         calibration=calibration, wall_seconds=self._elapsed(), device=self.device,
+                         world_size=self.trainer.world_size)
+        return build_manifest(run, segments)

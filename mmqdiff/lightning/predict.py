@@ -16,13 +16,13 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from ..data import segment_of_step
 from ..diffusion import (IndexedNoise, betas_from_config, build_model, ddim_sample, file_sha256, load_checkpoint,
-                         load_config, segment_switch, state_dict_sha256, timesteps)
-from ..segments.run_folder import load_segment_models, read_manifest, run_identity
+                         load_config, state_dict_sha256, timesteps)
+from ..segments import SegmentedModel
+from ..segments.run_folder import read_manifest, run_identity
 from ..io import RunLock, atomic_path, atomic_save, atomic_write_text, read_png_images, write_png
 from ..evaluation.sample_folder import check_fp_reference, claim_folder, images_to_make, png_path
 from .run_lock import LOCK_NAME, hold_run_lock
@@ -32,13 +32,8 @@ from ..evaluation.features import InceptionExtractor, embedded_extractor
 from ..evaluation.fidelity import psnr_per_image
 from ..evaluation.metrics import score_images
 from ..evaluation.real_images import to_uint8
-from ..quant import IntegerSegments, IntegerUnsupported
+from ..quant.runtime import RUNTIMES, resolve_runtime
 from ..quant.segment_runtime import PACK_MODES
-
-RUNTIMES = ("auto", "int", "fake")
-# what "auto" picks per device type, by benchmarks/bench_sampling.py (docs/benchmarks.md): on the 2-core CPU the
-# int8 runtime took 0.4-0.7x FP's time; on an H200, where these models are launch-bound, 2.6-3.4x (fake-quant 1.7-1.9x)
-AUTO_RUNTIME = {"cpu": "int"}
 
 
 class MultiModelSampler(L.LightningModule):
@@ -60,7 +55,8 @@ class MultiModelSampler(L.LightningModule):
         ``runtime``: "int" runs the segment models' convs/linears as int8 kernels (``mmqdiff.quant.to_integer``,
         packed when prediction starts), falling back to "fake" with one warning where the backend cannot;
         "fake" simulates quantization in fp32; "auto" is "int" on CPU and "fake" on a GPU, where the int8 runtime
-        measured slower than both (:data:`AUTO_RUNTIME`; one log line says so). FP runs ignore it.
+        measured slower than both (``mmqdiff.quant.runtime.resolve_runtime``; one log line says so). FP runs
+        ignore it.
         ``pack`` (integer runtime): "active" keeps one shared set of weight codes plus each segment's rounding bits
         and packs the segment in use at each switch (resident bytes below FP's); "all" keeps every segment packed
         (no re-packing; K int8 weight sets resident). See ``mmqdiff.quant.IntegerSegments``."""
@@ -79,8 +75,7 @@ class MultiModelSampler(L.LightningModule):
         self.image_shape = (self.fp_model.in_channels, self.fp_model.resolution, self.fp_model.resolution)
         self.fp_sha256, self.calibration_identity = state_dict_sha256(self.fp_model), None
         if calibration_run is None:
-            self.segments = [range(num_steps)]
-            self.segment_models = torch.nn.ModuleList([self.fp_model])
+            self.segmented = SegmentedModel([range(num_steps)], [self.fp_model], self.seq)
         else:
             manifest = read_manifest(calibration_run)
             self.calibration_identity = run_identity(manifest)
@@ -88,33 +83,21 @@ class MultiModelSampler(L.LightningModule):
                 if manifest.get(key) != want:
                     raise ValueError(f"{calibration_run}: calibrated for {key}={manifest.get(key)!r}, "
                                      f"but sampling asks for {want!r}")
-            self.segments, models = load_segment_models(calibration_run, self.fp_model)
-            self.segment_models = torch.nn.ModuleList(models)
-        self.model_for_step = segment_switch(self.segment_models, segment_of_step(self.segments))
+            self.segmented = SegmentedModel.load(calibration_run, self.fp_model)
         self.quantized = calibration_run is not None
         self.runtime = runtime if self.quantized else "fp"
         self.sampling_seconds, self.images_sampled = 0.0, 0  # this run's predict steps, FP-error tracking excluded
 
     def on_predict_start(self) -> None:
-        """Build the integer runtime once, on the device Lightning moved the models to."""
-        if self.runtime == "auto":
-            self.runtime = AUTO_RUNTIME.get(self.device.type, "fake")
-            if self.runtime == "fake":
-                rank_zero_info(f"runtime 'auto' on {self.device.type}: 'fake' (on a GPU the int8 runtime measured "
-                               f"slower than fake-quant, docs/benchmarks.md; runtime: int runs it anyway)")
-        if self.runtime != "int":
+        """Put the segment models on their runtime once, on the device Lightning moved them to (the integer
+        runtime replaces the fake-quant copies, whose fp32 weights are released)."""
+        if not self.quantized:
             return
-        probe = torch.zeros(1, *self.image_shape, device=self.device), torch.full((1,), 500.0, device=self.device)
-        try:
-            segments = IntegerSegments(self.segment_models, pack=self.hparams.pack)
-            for k in range(len(segments)):  # one tiny forward: a backend that builds but cannot run is caught here
-                segments[k](*probe)
-        except (IntegerUnsupported, RuntimeError) as e:
-            self.runtime = "fake"
-            rank_zero_warn(f"runtime 'fake' instead of 'int': {e}")
-            return
-        self.segment_models = segments  # the fake-quant copies (fp32 weights) are released
-        self.model_for_step = segment_switch(segments, segment_of_step(self.segments))
+        if self.runtime == "auto" and resolve_runtime("auto", self.device) == "fake":
+            rank_zero_info(f"runtime 'auto' on {self.device.type}: 'fake' (on a GPU the int8 runtime measured "
+                           f"slower than fake-quant, docs/benchmarks.md; runtime: int runs it anyway)")
+        self.segmented = self.segmented.for_device(self.device, self.runtime, self.hparams.pack)
+        self.runtime = self.segmented.runtime
 
     def sampling_record(self) -> dict[str, Any]:
         """What makes the images (``identity``: a resumed run must match it) and where it came from (``info``). The
@@ -142,7 +125,7 @@ class MultiModelSampler(L.LightningModule):
             tracking += self._clock() - begin
 
         track = self.quantized and len(tracked) > 0
-        x = ddim_sample(self.model_for_step, noise(), self.seq, self.betas, self.hparams.eta,
+        x = ddim_sample(self.segmented.model_for_step, noise(), self.seq, self.betas, self.hparams.eta,
                         callback=fp_error if track else None, noise_fn=noise)
         out = {"indices": indices.cpu(), "images": to_uint8(x).cpu()}
         self.sampling_seconds += self._clock() - start - tracking

@@ -9,16 +9,18 @@ calibration file with their SHA-256) and what it cost (wall time, peak memory, p
 from __future__ import annotations
 
 import json
+import resource
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ..data.segments import segment_of_step
-from ..diffusion import build_model, file_sha256, load_checkpoint, state_dict_sha256
+from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256
 from ..io import atomic_save, atomic_write_text, brief_error
-from ..quant import (QuantConfig, QuantizedUNet, config_from_state, export_packed, load_packed, load_quant_state,
-                    packed_nbytes, quant_state_dict, quantize_model)
+from ..quant import (QuantConfig, QuantizedUNet, ReconSettings, config_from_state, export_packed, load_packed,
+                    load_quant_state, packed_nbytes, quant_state_dict, quantize_model)
 
 FORMAT = "mmqdiff.calibration-run/1"
 MANIFEST_NAME = "manifest.json"
@@ -29,6 +31,7 @@ REQUIRED = ("format", "k", "num_steps", "skip_type", "segments", "weight_bits", 
             "reconstruction", "fp_model", "calibration", "wall_seconds", "peak_mem_kind")
 SEGMENT_REQUIRED = ("index", "steps", "t_range", "pairs", "quant_state", "packed", "sha256", "model_bytes",
                     "wall_seconds", "peak_mem_bytes")
+UNIT_KEYS = ("unit", "phase", "rec_first", "rec_last", "item_seconds")  # per work item, in a segment's entry
 
 
 def segment_dir(run_dir: str | Path, segment: int) -> Path:
@@ -53,6 +56,87 @@ def write_segment_files(run_dir: str | Path, segment: int, qmodel: QuantizedUNet
             "sha256": {k: file_sha256(p) for k, p in files.items()},
             "content_sha256": {k: state_dict_sha256(v) for k, v in states.items()},
             "model_bytes": packed_nbytes(states["packed"])}
+
+
+def peak_mem_kind(device: torch.device) -> str:
+    """What ``peak_mem_bytes`` measures on ``device`` (recorded in the manifest beside the numbers)."""
+    return ("cuda_max_memory_allocated" if device.type == "cuda"
+            else "process_peak_rss (shared by the segments of one process)")
+
+
+def peak_mem_bytes(device: torch.device) -> int:
+    """Peak memory as :func:`peak_mem_kind` names it: on a GPU since the last ``reset_peak_memory_stats``."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def new_segment_stats() -> dict[str, Any]:
+    """A segment's running cost record, filled by :func:`add_item_stats` (plain values: it travels in checkpoints)."""
+    return {"wall_seconds": 0.0, "peak_mem_bytes": 0, "units": []}
+
+
+def add_item_stats(seg_stats: dict[str, Any], unit: str, phase: str, stats: dict[str, float], peak: int) -> None:
+    """Count one finished work item (``ItemDone.stats``, the peak memory while it ran) into ``seg_stats``."""
+    seg_stats["wall_seconds"] += stats["item_seconds"]
+    seg_stats["peak_mem_bytes"] = max(seg_stats["peak_mem_bytes"], int(peak))
+    seg_stats["units"].append({"unit": unit, "phase": phase, **stats})
+
+
+def segment_record(index: int, steps: range, window: range, t_of_step: Sequence[int], recon: ReconSettings,
+                   calib_ts: torch.Tensor, seg_stats: dict[str, Any], rank: int = 0) -> dict[str, Any]:
+    """Segment ``index``'s manifest entry apart from its files: its steps (and their t), the calibration window and
+    pairs (``calib_ts``, the selected timesteps), its iterations and what it cost."""
+    return {"index": index, "steps": [steps.start, steps.stop], "iters": [recon.cali_iters, recon.cali_iters_a],
+            "t_range": [t_of_step[steps.start], t_of_step[steps.stop - 1]], "window": [window.start, window.stop],
+            "pairs": len(calib_ts), "calib_t_range": [int(calib_ts.max()), int(calib_ts.min())],
+            "wall_seconds": seg_stats["wall_seconds"], "peak_mem_bytes": seg_stats["peak_mem_bytes"], "rank": rank,
+            "units": [{k: u[k] for k in UNIT_KEYS} for u in seg_stats["units"]]}
+
+
+def write_segment(run_dir: str | Path, record: dict[str, Any], qmodel: QuantizedUNet,
+                  quant_act: bool) -> dict[str, Any]:
+    """The segment's files (:func:`write_segment_files`) written; its full manifest entry returned."""
+    return {**record, **write_segment_files(run_dir, record["index"], qmodel, quant_act)}
+
+
+def fp_model_record(config: str | Path | Mapping[str, Any] | None, checkpoint: str | Path | None,
+                    sha256: str) -> dict[str, Any]:
+    """The manifest's ``fp_model``: where the FP model came from (config and weights file, None where unknown) and
+    its state-dict SHA-256 (the identity every consumer checks)."""
+    return {"config": None if config is None or isinstance(config, Mapping) else str(config),
+            "config_dict": None if config is None else load_config(config),
+            "checkpoint": None if checkpoint is None else str(checkpoint), "sha256": sha256,
+            "file_sha256": None if checkpoint is None else file_sha256(checkpoint)}
+
+
+def calibration_record(path: str | Path, sha256: str, cali_st: int, cali_n: int, overlap: int,
+                       meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``calibration``: the file (path, SHA-256, meta) and the selection rule applied to it."""
+    return {"path": str(path), "sha256": sha256, "cali_st": cali_st, "cali_n": cali_n, "overlap": overlap,
+            "meta": meta}
+
+
+def run_record(*, num_steps: int, skip_type: str, quant: QuantConfig, recon: ReconSettings, seed: int,
+               segment_scale: list[float] | None, init_from: dict[str, Any] | None, units: list[str],
+               fp_model: dict[str, Any], calibration: dict[str, Any], wall_seconds: float, device: torch.device,
+               world_size: int = 1) -> dict[str, Any]:
+    """The manifest apart from its segment entries: what was run and on what (``init_from``: the warm start's
+    record with its ``warm`` settings, None without one)."""
+    return {"num_steps": num_steps, "skip_type": skip_type, "weight_bits": quant.weight_bits,
+            "act_bits": quant.act_bits if quant.quant_act else 32, "quant_config": asdict(quant),
+            "reconstruction": asdict(recon), "seed": seed, "segment_scale": segment_scale, "init_from": init_from,
+            "units": units, "fp_model": fp_model, "calibration": calibration, "wall_seconds": wall_seconds,
+            "peak_mem_kind": peak_mem_kind(device), "world_size": world_size, "device": str(device),
+            "torch_threads": torch.get_num_threads()}
+
+
+def build_manifest(run: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest of a finished run (for :func:`write_manifest`): ``run`` (:func:`run_record`), the K segment
+    entries (:func:`write_segment`) and their totals."""
+    return {"k": len(segments), **run, "segments": segments,
+            "peak_mem_bytes": max(seg["peak_mem_bytes"] for seg in segments),
+            "model_bytes": sum(seg["model_bytes"] for seg in segments)}
 
 
 def _validate(manifest: Any, where: str) -> dict[str, Any]:
