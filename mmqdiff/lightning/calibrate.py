@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..diffusion import build_model, load_checkpoint, load_config, state_dict_sha256, timesteps
+from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256, timesteps
 from ..segments.run_folder import (CKPT_KEY, LAST_CKPT, MANIFEST_NAME, add_item_stats, build_manifest,
                                    calibration_record, cpu_state, fp_model_record, new_segment_stats, peak_mem_bytes,
                                    run_record, segment_record, warm_start_state, write_manifest, write_segment)
@@ -84,6 +84,26 @@ class UnitCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The last item was saved already (ModelCheckpoint would save again and delete the 'previous' last)."""
+
+
+class DiscardLogsOfRefusedRun(Callback):
+    """A run that fails before its first work item (refused: the folder is another run's, a resume with other
+    settings, a bad setting) leaves nothing behind: the logger folder Lightning made for it
+    (``lightning_logs/version_N``) is removed while it holds at most the run's config."""
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not trainer.is_global_zero or getattr(pl_module, "items_this_session", 0):
+            return
+        for logger in trainer.loggers:
+            folder = Path(logger.log_dir) if getattr(logger, "log_dir", None) else None
+            if folder is None or not folder.is_dir() or \
+                    any(p.name not in ("config.yaml", "hparams.yaml") or p.is_dir() for p in folder.iterdir()):
+                continue
+            for p in folder.iterdir():
+                p.unlink()
+            folder.rmdir()
+            if not any(folder.parent.iterdir()):  # lightning_logs/ made for this run alone
+                folder.parent.rmdir()
 
 
 class _Reporter:
@@ -164,6 +184,7 @@ class SegmentCalibration(LightningModule):
         self.segment_scale = None if segment_scale is None else [float(f) for f in segment_scale]
         self.init_from, self.warm = init_from, warm
         self.next_item = 0
+        self.items_this_session = 0
         self.nets = _Nets()
         self.stats: dict[int, dict[str, Any]] = {}
         self.run_seconds = 0.0
@@ -190,6 +211,10 @@ class SegmentCalibration(LightningModule):
         if not any(isinstance(cb, UnitCheckpoint) for cb in trainer.callbacks):
             raise ValueError("trainer.callbacks must include mmqdiff.lightning.calibrate.UnitCheckpoint (it saves "
                              "every work item and lets --ckpt_path last find the run's checkpoint)")
+        if trainer.max_steps not in (-1, None):
+            raise ValueError(f"trainer.max_steps={trainer.max_steps} cannot stop a calibration (its work items are no "
+                             "optimizer steps, so the limit would never apply); leave it unset, or stop early with "
+                             "trainer.max_time and continue with --ckpt_path last")
         data = self.data
         if data.segment is not None:
             raise ValueError(f"data.init_args.segment must be null for SegmentCalibration (it calibrates every "
@@ -269,7 +294,7 @@ class SegmentCalibration(LightningModule):
         return run_checkpoint(self.run_dir)
 
     def configure_callbacks(self) -> list[Callback]:
-        return [RunFolderLock(self.run_dir, "calibration run folder")]
+        return [RunFolderLock(self.run_dir, "calibration run folder"), DiscardLogsOfRefusedRun()]
 
     def configure_optimizers(self) -> None:
         """Each work item builds its own optimiser (one per unit and phase, as the reference)."""
@@ -284,6 +309,7 @@ class SegmentCalibration(LightningModule):
             done = {s: self._run_item(s, *batch[s]) for s in self.my_segments}
             self._log_losses(done)
             self.next_item += 1
+            self.items_this_session += 1
         if self.next_item >= len(self.items):
             self.trainer.should_stop = True
 
@@ -341,9 +367,12 @@ class SegmentCalibration(LightningModule):
         if state is None:
             raise ValueError(f"{self.trainer.ckpt_path}: checkpoint was not written by SegmentCalibration")
         mine, theirs = self.signature(), state["signature"]
+        if theirs.get("calibration_sha256") not in (mine["calibration_sha256"], None) and \
+                theirs["calibration_sha256"] == file_sha256(self.data.path):  # identified by file bytes back then
+            theirs = {**theirs, "calibration_sha256": mine["calibration_sha256"]}
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
-            raise ValueError(f"cannot resume: checkpoint was made with different {diff} "
+            raise ValueError(f"{self.trainer.ckpt_path}: cannot resume: checkpoint was made with different {diff} "
                              f"(e.g. {diff[0]}: checkpoint {theirs.get(diff[0])!r}, now {mine.get(diff[0])!r})")
         for s in self.my_segments:
             self.nets.segments[s].resume(ResumePoint(state["next_item"], state["segments"][s]["quant_state"]))
@@ -353,13 +382,8 @@ class SegmentCalibration(LightningModule):
     # ----------------------------------------------------------------------------------------------- outputs
     def on_train_end(self) -> None:
         self.reporter.stop()
-        if self.next_item < len(self.items):
-            Console().print(f"calibration stopped after {self.next_item}/{len(self.items)} work items; continue with "
-                            "--ckpt_path last")
+        if self.next_item < len(self.items):  # stopped early: on_fit_end says so
             return
-        if theirs.get("calibration_sha256") not in (mine["calibration_sha256"], None) and \
-                theirs["calibration_sha256"] == file_sha256(self.data.path):  # identified by file bytes back then
-            theirs = {**theirs, "calibration_sha256": mine["calibration_sha256"]}
         entries = {s: self._write_segment(s) for s in self.my_segments}
         gathered = gather_to_zero(entries)
         if gathered is not None:
@@ -367,6 +391,17 @@ class SegmentCalibration(LightningModule):
             path = write_manifest(self.run_dir, self._manifest([segments[s] for s in range(self.data.k)]))
             Console().print(f"calibrated {self.data.k} segment model(s) in {self._elapsed():.1f} s: {path}")
         self.trainer.strategy.barrier()
+
+    def on_fit_end(self) -> None:
+        """A fit the trainer stopped before the last work item (a limit such as ``trainer.max_time``, also one already
+        used up when the run resumed, which skips the loop and ``on_train_end``) fails, saying where to continue."""
+        self.reporter.stop()
+        if self.next_item < len(self.items):
+            way = (f"its state is saved in {self.last_ckpt}: continue with --ckpt_path last"
+                   if self.last_ckpt.is_file() else "no work item finished, so nothing was saved")
+            raise RuntimeError(f"{self.run_dir}: calibration stopped by the trainer after {self.next_item}/"
+                               f"{len(self.items)} work items (a limit such as trainer.max_time, which also counts the "
+                               f"time of the runs a resumed run continues), so no manifest was written; {way}")
 
     def _write_segment(self, s: int) -> dict[str, Any]:
         record = segment_record(s, self.data.segments[s], self.data.window(s), self.t_of_step, self.segment_recon(s),
