@@ -74,9 +74,10 @@ class SegmentedModel(nn.Module):
     @property
     def runtime(self) -> str:
         """"int" (int8 kernels), "fake" (fake-quant ``QuantizedUNet``s) or "fp" (anything else, e.g. FP models)."""
-        models = list(self.models.models) if isinstance(self.models, IntegerSegments) else list(self.models)
+        if isinstance(self.models, IntegerSegments):
+            return "int"
         for kind, cls in (("int", IntegerUNet), ("fake", QuantizedUNet)):
-            if all(isinstance(m, cls) for m in models):
+            if all(isinstance(m, cls) for m in self.models):
                 return kind
         return "fp"
 
@@ -103,8 +104,9 @@ class SegmentedModel(nn.Module):
         return next(iter(found))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Noise prediction for ``x`` [B, C, H, W] at timesteps ``t`` [B]; rows whose t lie in different segments
-        each go through their own segment's model."""
+        """Noise prediction for ``x`` [B, C, H, W] at timesteps ``t`` [B]. Rows whose t lie in different segments go
+        through their own segment's model as one sub-batch each (fake-quant outputs may then differ in the last
+        bits from a full-batch call: float kernels round by batch size)."""
         if t.dim() != 1 or len(t) != len(x):
             raise ValueError(f"t must hold one timestep per row of x ({len(x)} rows), got shape {tuple(t.shape)}")
         row_segment = [self.segment_of_timestep(v) for v in t.tolist()]
