@@ -1,4 +1,4 @@
-"""mmqdiff command line (``[project.scripts]``; ``python -m mmqdiff.cli`` and a checkout's ``python cli.py`` are the same):
+"""The ``mmqdiff`` command (``python -m mmqdiff.cli`` and a checkout's ``python cli.py`` are the same):
 
     mmqdiff fit|predict --config configs/...yaml [--section.key value ...]   LightningCLI
     mmqdiff pipeline [--config configs/embedded/main.yaml]                     the main job, mmqdiff.pipeline
