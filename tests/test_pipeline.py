@@ -178,11 +178,11 @@ def main_config(tmp_path: Path) -> dict:
             "calibration_data": {"config": GEN, "path": str(out / "calib.pt"),
                                  "args": [*STEPS, "--data.init_args.num_trajectories", "8"]},
             "calibrations": [
-                {"name": "W4A8 K=1", "config": K1, "run_dir": str(out / "calib_k1"), "args": CALIB},
+                {"name": "W4A8 K=1", "config": K1, "run_dir": str(out / "calib_k1"), "args": [*CALIB]},
                 {"name": "W4A8 K=2", "config": [K1, K4], "run_dir": str(out / "calib_k2"),
                  "args": [*CALIB, "--data.init_args.k", "2", "--model.init_args.init_from", str(out / "calib_k1")]}],
             "heldout_trajectories": [4, 8],
-            "sampling": {"config": SAMPLE, "num_images": 4, "args": STEPS}}
+            "sampling": {"config": SAMPLE, "num_images": 4, "args": [*STEPS]}}
 
 
 def run_pipeline(tmp_path: Path, cfg: dict, *extra: str) -> dict:
@@ -357,14 +357,11 @@ def test_child_error_without_traceback_is_its_last_lines():
 
 
 def test_cpu_sampling_processes(monkeypatch):
-    """sampling.cpu_processes: DDP flags on a CPU-only machine, none with a GPU or for one process; bad values named."""
+    """sampling.cpu_processes: DDP flags on a CPU-only machine, none with a GPU or for one process."""
     monkeypatch.setattr(plan_module.torch.cuda, "is_available", lambda: False)
     assert plan_module.cpu_parallel_args(1) == []
     assert plan_module.cpu_parallel_args(2) == ["--trainer.accelerator", "cpu", "--trainer.devices", "2",
                                                 "--trainer.strategy", "ddp"]
-    for bad in (0, "2", 1.5):
-        with pytest.raises(ValueError, match=r"sampling.cpu_processes must be an integer >= 1, got"):
-            plan_module.cpu_parallel_args(bad)
     monkeypatch.setattr(plan_module.torch.cuda, "is_available", lambda: True)
     assert plan_module.cpu_parallel_args(2) == []
 

@@ -131,7 +131,8 @@ def calibration_settings(model: Mapping[str, Any], data: Mapping[str, Any], inpu
     recon = {k: v for k, v in model["recon"].items() if k not in RESULT_FREE_RECON}
     scale = model["segment_scale"]
     return {"fp_model": inputs.weights_sha256(model["model_config"], model["checkpoint"]),
-            "model_config": load_config(model["model_config"]), "calibration_data": inputs.calibration_sha256(data["path"]),
+            "model_config": load_config(model["model_config"]),
+            "calibration_data": inputs.calibration_sha256(data["path"]),
             "cali_st": data["cali_st"], "cali_n": data["cali_n"], "overlap": data["overlap"],
             "num_steps": data["num_steps"], "skip_type": data["skip_type"], "k": data["k"], "segments": segments,
             "quant": dict(model["quant"]), "recon": recon, "seed": model["seed"],

@@ -98,8 +98,6 @@ def cpu_parallel_args(processes: int) -> list[str]:
     """Trainer flags that sample on the CPU in ``processes`` data-parallel processes (one torch thread each, as
     Lightning sets them) when no GPU is present; none otherwise. On the 2-core CPU two 1-thread processes sample
     faster than one 2-thread process, FP and integer runtime alike (docs/benchmarks.md)."""
-    if not (isinstance(processes, int) and processes >= 1):
-        raise ValueError(f"sampling.cpu_processes must be an integer >= 1, got {processes!r}")
     if processes == 1 or torch.cuda.is_available():
         return []
     return ["--trainer.accelerator", "cpu", "--trainer.devices", str(processes), "--trainer.strategy", "ddp"]
@@ -118,18 +116,7 @@ class Plan:
         self.cfg = cfg
         src = cfg.source
         checkpoint = [] if cfg.checkpoint is None else ["--model.init_args.checkpoint", cfg.checkpoint]
-        for section, owned in OWNED.items():
-            owned = {**owned, **({"--model.init_args.checkpoint": "checkpoint"} if checkpoint else {})}
-            if section == "sampling" and cfg.sampling.devices is not None:
-                owned.update({"--trainer.devices": "devices", "--trainer.strategy": "devices"})
-            if section == "calibrations":
-                for i, run in enumerate(cfg.calibrations):
-                    extra = {"--trainer.devices": "devices", "--trainer.strategy": "devices"} if run.devices else {}
-                    if run.boundaries_from is not None:
-                        extra["--data.init_args.boundaries"] = "boundaries_from"
-                    _check_owned(run.args, {**owned, **extra}, f"{src}: calibrations[{i}] ({run.name!r})")
-            else:
-                _check_owned(getattr(cfg, section).args, owned, f"{src}: {section}")
+        self._check_args()
         data = cfg.calibration_data
         self.generate = resolve("calibration data", [
             "predict", "--config", data.config, "--trainer.default_root_dir", str(cfg.report_path / "calibration_data"),
@@ -150,6 +137,20 @@ class Plan:
             "predict", "--config", s.config, "--data.init_args.output_dir", str(out_dir),
             "--trainer.default_root_dir", str(out_dir), "--data.init_args.num_images", str(s.num_images),
             *checkpoint, *extra, *s.args, *devices], self.cfg.source)
+
+    def _check_args(self) -> None:
+        """Stage args must not set what the pipeline sets from its own keys (folders, checkpoint, devices, cuts)."""
+        cfg = self.cfg
+        common = {"--model.init_args.checkpoint": "checkpoint"} if cfg.checkpoint is not None else {}
+        devices = {"--trainer.devices": "devices", "--trainer.strategy": "devices"}
+        _check_owned(cfg.calibration_data.args, {**OWNED["calibration_data"], **common},
+                     f"{cfg.source}: calibration_data")
+        _check_owned(cfg.sampling.args, {**OWNED["sampling"], **common, **(devices if cfg.sampling.devices else {})},
+                     f"{cfg.source}: sampling")
+        for run in cfg.calibrations:
+            cuts = {"--data.init_args.boundaries": "boundaries_from"} if run.boundaries_from is not None else {}
+            _check_owned(run.args, {**OWNED["calibrations"], **common, **(devices if run.devices else {}), **cuts},
+                         self.where(run))
 
     # ------------------------------------------------------------------------------------------------ lookups
     def command(self, run: Calibration) -> Command:

@@ -99,11 +99,13 @@ def _segments(plan: Plan, run: Calibration, inputs: Inputs,
     key = {"source": run_identity(read_manifest(source.run_dir)),
            "calibration_data": inputs.calibration_sha256(data["path"]), "k": data["k"]}
     cached = (record or {}).get("boundaries") or {}
-    if cached.get("key") == key:
-        cuts = cached["cuts"]
-    else:
-        cuts = inputs.memo(("cuts", digest(key)), lambda: damage_boundaries(source.run_dir, data["path"], data["k"]))
-        console.print(f"{run.name}: segment boundaries {cuts} (equal shares of {source.name}'s sample-space damage)")
+
+    def measure() -> list[int]:
+        found = damage_boundaries(source.run_dir, data["path"], data["k"])
+        console.print(f"{run.name}: segment boundaries {found} (equal shares of {source.name}'s sample-space damage)")
+        return found
+
+    cuts = cached["cuts"] if cached.get("key") == key else inputs.memo(("cuts", digest(key)), measure)
     segments = timestep_segments(data["num_steps"], data["k"], cuts)
     return [[r.start, r.stop] for r in segments], {"key": key, "cuts": cuts}
 
@@ -244,7 +246,8 @@ def heldout(plan: Plan, run: Calibration, manifest: dict[str, Any], out_dir: Pat
     change."""
     data = plan.cfg.calibration_data.path
     identity = {"calibration_run": run_identity(manifest), "fp_model": manifest["fp_model"]["sha256"],
-                "calibration_data": inputs.calibration_sha256(data), "trajectories": list(plan.cfg.heldout_trajectories)}
+                "calibration_data": inputs.calibration_sha256(data),
+                "trajectories": list(plan.cfg.heldout_trajectories)}
     path = out_dir / "heldout.json"
     try:
         stored = json.loads(path.read_text())
