@@ -35,7 +35,7 @@ from mmqdiff.quant.reconstruction import NonFiniteLossError
 from .conftest import foreign_lock
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs/embedded/calibrate_k4.yaml"
+CONFIG = ROOT / "configs/embedded/calibrate_k1.yaml"  # K comes from args()
 NUM_STEPS, UNITS = 10, 23
 
 
@@ -337,8 +337,8 @@ def test_sampling_a_calibration_run_into_an_fp_folder_is_refused(world, finished
 
     sample(None)
     fp_image = (out / "images" / "000000.png").read_bytes()
-    with pytest.raises(ValueError, match=r"holds images sampled with other settings: \['calibration_run'\] differ "
-                                         r"\(calibration_run: folder null, now \[\{"):
+    with pytest.raises(ValueError, match=r"holds images sampled with other settings: \['calibration_run', 'runtime'\] "
+                                         r"differ \(calibration_run: folder null, now \[\{"):
         sample(str(finished[0]))
     assert (out / "images" / "000000.png").read_bytes() == fp_image
 

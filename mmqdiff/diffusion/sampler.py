@@ -36,8 +36,10 @@ def trajectory_generator(seed: int, index: int) -> torch.Generator:
 class IndexedNoise:
     """Draws a batch of noise where row b comes from trajectory ``indices[b]``'s own generator.
 
-    This is what makes FP and quantized runs start from identical noise, and makes images independent of how
-    indices are batched or spread over devices.
+    This is what makes FP and quantized runs start from identical noise, and makes the noise independent of how
+    indices are batched or spread over devices. The images are too where the model's arithmetic per row does not
+    depend on the batch (FP and int8 runs here); fake-quant rounding turns the float kernels' batch-size-dependent
+    last bits into visibly different images, which is why fake-quant sampling runs full batches of one size.
     """
 
     def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"):
@@ -87,12 +89,12 @@ def ddim_sample(model_for_step: ModelForStep, x_T: torch.Tensor, seq: Sequence[i
                 eta: float = 0.0, generator: torch.Generator | None = None,
                 callback: StepCallback | None = None,
                 noise_fn: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    check_eta(eta)
     """Run the DDIM trajectory from x_T; ``model_for_step(i)`` gives the network for step index i.
 
     ``callback(i, t, x_t, eps)`` sees every model input, which is how calibration data is recorded.
     With eta > 0 the step noise comes from ``noise_fn()`` if given (e.g. ``IndexedNoise``), else ``generator``.
     """
+    check_eta(eta)
     x = x_T
     betas = betas.to(x.device)
     for i, (t, t_next) in enumerate(step_pairs(seq)):

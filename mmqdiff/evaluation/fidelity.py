@@ -27,6 +27,20 @@ def psnr_per_image(images_a: Tensor, images_b: Tensor) -> Tensor:
     return -10 * torch.log10(mse)
 
 
+def paired_psnr(images: Tensor, indices: Tensor, ref_images: Tensor, ref_indices: Tensor, folder: str,
+                ref_folder: str) -> Tensor:
+    """Per-image PSNR of every image against the reference image of the same index (the FP model's image from the
+    same noise), in ``indices`` order. Every image must have its reference: a PSNR over a silent subset would not
+    be the folder's."""
+    position = {j: row for row, j in enumerate(ref_indices.tolist())}
+    missing = [j for j in indices.tolist() if j not in position]
+    if missing:
+        raise ValueError(f"{ref_folder} holds {len(ref_indices)} images but {folder} holds {len(indices)}: no FP "
+                         f"image for {len(missing)} of them (indices {missing[:5]}{' ...' if len(missing) > 5 else ''}); sample the FP folder with "
+                         f"at least as many images (num_images={int(indices.max()) + 1})")
+    return psnr_per_image(images, ref_images[torch.tensor([position[j] for j in indices.tolist()], dtype=torch.long)])
+
+
 class StepErrorMeter(Metric):
     """Mean squared error between quantized and FP noise predictions, per sampling step index.
 

@@ -21,15 +21,18 @@ from torch.utils.data import DataLoader
 
 from ..diffusion import (IndexedNoise, betas_from_config, build_model, ddim_sample, file_sha256, load_checkpoint,
                          load_config, state_dict_sha256, timesteps)
+from ..diffusion.sampler import check_eta
 from ..segments import SegmentedModel
 from ..segments.run_folder import read_manifest, run_identity
 from ..io import RunLock, atomic_path, atomic_save, atomic_write_text, read_png_images, write_png
-from ..evaluation.sample_folder import check_fp_reference, claim_folder, images_to_make, png_path
+from ..evaluation.sample_folder import (MAX_IMAGES, check_disk_space, check_fp_reference, check_num_images,
+                                        claim_folder, images_problem, images_to_make, indexed_pngs, png_path,
+                                        sample_problem)
 from .run_lock import LOCK_NAME, hold_run_lock
 from .strategy import decided_by_zero
 from ..evaluation.plots import save_sample_grid
 from ..evaluation.features import InceptionExtractor, embedded_extractor
-from ..evaluation.fidelity import psnr_per_image
+from ..evaluation.fidelity import paired_psnr
 from ..evaluation.metrics import score_images
 from ..evaluation.real_images import to_uint8
 from ..quant.runtime import RUNTIMES, resolve_runtime
@@ -65,6 +68,7 @@ class MultiModelSampler(L.LightningModule):
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if pack not in PACK_MODES:
             raise ValueError(f"pack must be one of {PACK_MODES}, got {pack!r}")
+        check_eta(eta)
         if real_source is not None and (feature_extractor is None) == (inception_weights is None):
             raise ValueError("scoring needs exactly one of feature_extractor (embedded default) or inception_weights")
         self.save_hyperparameters()
@@ -83,6 +87,12 @@ class MultiModelSampler(L.LightningModule):
                 if manifest.get(key) != want:
                     raise ValueError(f"{calibration_run}: calibrated for {key}={manifest.get(key)!r}, "
                                      f"but sampling asks for {want!r}")
+            if manifest["fp_model"]["sha256"] != self.fp_sha256:  # its FP model gives the per-step error and noise
+                raise ValueError(f"{calibration_run}: calibrated from the FP weights of "
+                                 f"{manifest['fp_model']['checkpoint']} (state-dict SHA-256 "
+                                 f"{manifest['fp_model']['sha256'][:16]}...), but checkpoint {checkpoint} holds "
+                                 f"other weights ({self.fp_sha256[:16]}...); sample with the checkpoint the run was "
+                                 "calibrated from")
             self.segmented = SegmentedModel.load(calibration_run, self.fp_model)
         self.quantized = calibration_run is not None
         self.runtime = runtime if self.quantized else "fp"
@@ -96,22 +106,41 @@ class MultiModelSampler(L.LightningModule):
         if self.runtime == "auto" and resolve_runtime("auto", self.device) == "fake":
             rank_zero_info(f"runtime 'auto' on {self.device.type}: 'fake' (on a GPU the int8 runtime measured "
                            f"slower than fake-quant, docs/benchmarks.md; runtime: int runs it anyway)")
+        planned = self.planned_runtime()
         self.segmented = self.segmented.for_device(self.device, self.runtime, self.hparams.pack)
         self.runtime = self.segmented.runtime
+        if self.runtime != planned:  # the int8 backend cannot run here: the folder's record must say fake-quant
+            self.trainer.datamodule.claim()
+
+    def planned_runtime(self) -> str:
+        """The runtime the images are made with ("fp", "int" or "fake"), "auto" resolved for the run's device; until
+        prediction starts the integer runtime may still fall back to "fake" (the folder is then claimed again)."""
+        if self.runtime != "auto":
+            return self.runtime
+        return resolve_runtime("auto", self.trainer.strategy.root_device)
 
     def sampling_record(self) -> dict[str, Any]:
         """What makes the images (``identity``: a resumed run must match it) and where it came from (``info``). The
-        models count by their weights (state-dict and packed-export content hashes), not by file bytes or paths."""
+        models count by their weights (state-dict and packed-export content hashes), not by file bytes or paths.
+        Fake-quant images also depend on the size of the batch they were sampled in (see ``predict_step``), so
+        :class:`SampleIndices` adds its ``batch_size`` to a fake-quant run's identity."""
         h = self.hparams
         return {"identity": {"fp_model": self.fp_sha256, "calibration_run": self.calibration_identity,
                              "seed": h.seed, "num_steps": h.num_steps, "skip_type": h.skip_type, "eta": h.eta,
-                             "image_shape": list(self.image_shape)},
+                             "image_shape": list(self.image_shape), "runtime": self.planned_runtime()},
                 "info": {"checkpoint": str(h.checkpoint), "checkpoint_sha256": file_sha256(h.checkpoint),
                          "calibration_run": None if h.calibration_run is None else str(h.calibration_run)}}
 
     def predict_step(self, indices: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Samples one batch. Fake-quant rounding turns the float kernels' batch-size-dependent last bits into
+        visibly different images (30-55 dB PSNR between batch 1 and 4; FP and int8 images are bit-identical), so a
+        fake-quant batch is padded to ``batch_size`` rows: its images depend on that size only, not on where an
+        interrupted run resumed or how the indices were split over devices."""
         start, tracking = self._clock(), 0.0
-        noise = IndexedNoise(self.hparams.seed, indices.tolist(), self.image_shape, self.device)
+        rows = indices.tolist()
+        if self.runtime == "fake":
+            rows += rows[-1:] * (self.trainer.datamodule.batch_size - len(rows))
+        noise = IndexedNoise(self.hparams.seed, rows, self.image_shape, self.device)
         tracked = (indices < self.hparams.fp_error_images).nonzero().flatten().to(self.device)
         step_mse = torch.zeros(len(tracked), len(self.seq))
 
@@ -126,8 +155,14 @@ class MultiModelSampler(L.LightningModule):
 
         track = self.quantized and len(tracked) > 0
         x = ddim_sample(self.segmented.model_for_step, noise(), self.seq, self.betas, self.hparams.eta,
-                        callback=fp_error if track else None, noise_fn=noise)
+                        callback=fp_error if track else None, noise_fn=noise)[:len(indices)]
         out = {"indices": indices.cpu(), "images": to_uint8(x).cpu()}
+        problem = sample_problem(x, out["images"], indices.tolist())
+        if problem is not None:
+            model = (f"the segment models of {self.hparams.calibration_run}" if self.quantized else
+                     f"the FP model of {self.hparams.checkpoint}")
+            raise RuntimeError(f"{self.trainer.datamodule.output_dir}: sampling stopped, this batch not written: "
+                               f"{problem}; {model} diverges or has collapsed with these settings")
         self.sampling_seconds += self._clock() - start - tracking
         self.images_sampled += len(indices)
         if track:
@@ -151,7 +186,7 @@ class MultiModelSampler(L.LightningModule):
                            for v, op in ((self.sampling_seconds, "max"), (self.images_sampled, "sum")))
         if self.trainer.is_global_zero:
             summary = finalize_samples(data.output_dir, data.num_images)
-            summary["runtime"] = self.runtime
+            summary["runtime"] = self.planned_runtime()
             summary["sampling_seconds_per_image"] = seconds / images if images else None
             if self.hparams.real_source is not None:
                 summary.update(self.score(data.output_dir))
@@ -172,14 +207,10 @@ class MultiModelSampler(L.LightningModule):
         scores = score_images(images, h.real_source, extractor, n_real=h.num_real, kid_subset_size=h.kid_subset_size,
                               cache_dir=h.metric_cache, device=self.device, chunks=h.score_chunks)
         if h.fp_samples is not None:
-            fp_images, fp_indices = load_samples(h.fp_samples)
-            common = sorted(set(indices.tolist()) & set(fp_indices.tolist()))
-            if not common:
-                raise ValueError(f"{h.fp_samples}: no image index in common with {output_dir}")
-            per_image = psnr_per_image(_rows(images, indices, common), _rows(fp_images, fp_indices, common))
+            per_image = paired_psnr(images, indices, *load_samples(h.fp_samples), str(output_dir), str(h.fp_samples))
             scores["psnr_vs_fp"] = float(per_image.mean())
             if h.score_chunks > 1:
-                size = len(common) // h.score_chunks
+                size = len(indices) // h.score_chunks
                 chunks = [float(per_image[c * size:(c + 1) * size].mean()) for c in range(h.score_chunks)]
                 scores.update(psnr_chunks=chunks, psnr_std=float(torch.tensor(chunks, dtype=torch.float64).std()))
         return scores
@@ -194,10 +225,12 @@ class SampleIndices(L.LightningDataModule):
     Lightning's predict sampler then splits it across ranks without padding or duplicates."""
 
     def __init__(self, num_images: int = 256, batch_size: int = 256, output_dir: str = "outputs/samples",
-                 overwrite: bool = False):
+                 overwrite: bool = False, max_images: int = MAX_IMAGES):
+        """``max_images``: the most ``num_images`` may be (a guard against typos; raise it for larger runs)."""
         super().__init__()
         if num_images < 1 or batch_size < 1:
             raise ValueError(f"num_images and batch_size must be >= 1, got {num_images}, {batch_size}")
+        check_num_images(num_images, max_images)
         self.num_images, self.batch_size, self.output_dir = num_images, batch_size, Path(output_dir)
         self.image_dir = self.output_dir / "images"
         self.overwrite = overwrite
@@ -209,10 +242,22 @@ class SampleIndices(L.LightningDataModule):
         c, h, w = module.image_shape
 
         def prepare() -> list[int]:
-            claim_folder(self.output_dir, module.sampling_record(), self.overwrite)
-            return images_to_make(self.image_dir, self.num_images, (w, h))
+            self._claim(self.overwrite)
+            todo = images_to_make(self.image_dir, self.num_images, (w, h))
+            check_disk_space(self.output_dir, len(todo), self.num_images, module.image_shape)
+            return todo
 
         self.todo = decided_by_zero(strategy, prepare)
+
+    def claim(self) -> None:
+        """Check the folder's record against the module's settings again (every rank calls it; rank 0 decides)."""
+        decided_by_zero(self.trainer.strategy, lambda: self._claim(False))
+
+    def _claim(self, overwrite: bool) -> None:
+        record = self.trainer.lightning_module.sampling_record()
+        if record["identity"]["runtime"] == "fake":  # see MultiModelSampler.predict_step
+            record["identity"]["batch_size"] = self.batch_size
+        claim_folder(self.output_dir, record, overwrite)
 
     def teardown(self, stage: str) -> None:
         self.lock.release()
@@ -245,15 +290,17 @@ class SampleWriter(BasePredictionWriter):
 def finalize_samples(output_dir: str | Path, num_images: int | None = None) -> dict[str, Any]:
     """Gather the PNGs into ``samples.npz`` (uint8 NHWC, the usual FID-tool layout) and the per-step error."""
     output_dir = Path(output_dir)
-    paths = sorted((output_dir / "images").glob("*.png"))
-    if num_images is not None:
-        paths = [p for p in paths if int(p.stem) < num_images]
-    images = read_png_images(paths)
-    with atomic_path(output_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
-        np.savez(f, images=images.permute(0, 2, 3, 1).numpy(), indices=np.array([int(p.stem) for p in paths]))
-    summary: dict[str, Any] = {"num_images": len(paths)}
-    if not paths:
+    found = {j: p for j, p in indexed_pngs(output_dir / "images").items() if num_images is None or j < num_images}
+    if not found:
         raise FileNotFoundError(f"{output_dir / 'images'}: no sampled images to gather")
+    images = read_png_images(list(found.values()))
+    problem = images_problem(images, list(found))
+    if problem is not None:
+        raise ValueError(f"{output_dir / 'images'}: {problem}: the model that sampled them has collapsed; sample "
+                         "into a new folder with a working model")
+    with atomic_path(output_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=images.permute(0, 2, 3, 1).numpy(), indices=np.array(list(found)))
+    summary: dict[str, Any] = {"num_images": len(found)}
     parts = sorted((output_dir / "step_mse").glob("*.pt"))
     if parts:
         per_image: dict[int, torch.Tensor] = {}
@@ -265,12 +312,6 @@ def finalize_samples(output_dir: str | Path, num_images: int | None = None) -> d
         atomic_write_text(output_dir / "per_step_mse.json", json.dumps(summary["per_step_mse"]))
     save_sample_grid(images[:64], output_dir / "grid.png", nrow=8)
     return summary
-
-
-def _rows(images: torch.Tensor, indices: torch.Tensor, wanted: list[int]) -> torch.Tensor:
-    """The images whose index is in ``wanted``, in that order (one dict lookup each: 50k-image runs)."""
-    position = {j: row for row, j in enumerate(indices.tolist())}
-    return images[torch.tensor([position[j] for j in wanted])]
 
 
 def load_samples(output_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

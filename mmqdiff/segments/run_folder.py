@@ -16,8 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..data.segments import segment_of_step
-from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256
+from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256, timesteps
 from ..io import atomic_save, atomic_write_text, brief_error
 from ..quant import (QuantConfig, QuantizedUNet, ReconSettings, config_from_state, export_packed, load_packed,
                     load_quant_state, packed_nbytes, quant_state_dict, quantize_model)
@@ -153,10 +152,52 @@ def _validate(manifest: Any, where: str) -> dict[str, Any]:
         missing = [k for k in SEGMENT_REQUIRED if k not in seg]
         if missing or seg["index"] != i:
             raise ValueError(f"{where}: segment entry {i} is malformed (missing {missing}, index {seg.get('index')})")
-    steps = [range(*seg["steps"]) for seg in segments]
-    if len(segment_of_step(steps)) != manifest["num_steps"]:
-        raise ValueError(f"{where}: segments {steps} do not cover the {manifest['num_steps']} sampling steps")
+    _check_segments(manifest, where)
     return manifest
+
+
+def _check_segments(manifest: dict[str, Any], where: str) -> None:
+    """Each segment entry must describe its own place in the schedule: contiguous steps covering 0..num_steps-1 in
+    order, the t of its first and last step (``t_range``), a calibration window around its steps whose selected
+    timesteps (``calib_t_range``) it holds, and files inside its own ``segment_XX`` folder. A cut moved, or entries
+    or files swapped, by hand then no longer pass unless every one of these is edited to match."""
+    n = manifest["num_steps"]
+    diffusion = (manifest["fp_model"].get("config_dict") or {}).get("diffusion", {})
+    try:
+        t_of_step = list(reversed(timesteps(n, manifest["skip_type"], diffusion.get("num_diffusion_timesteps", 1000))))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+    overlap = (manifest["calibration"] or {}).get("overlap")
+    stop = 0
+    for i, seg in enumerate(manifest["segments"]):
+        steps = seg["steps"]
+        if not (isinstance(steps, list) and len(steps) == 2 and steps[0] == stop and stop < steps[1] <= n):
+            raise ValueError(f"{where}: segment {i} has steps {steps}, but the segments must cover steps 0..{n - 1} "
+                             f"in order (segment {i} starts at step {stop})")
+        stop = steps[1]
+        t_range = [t_of_step[steps[0]], t_of_step[steps[1] - 1]]
+        if seg["t_range"] != t_range:
+            raise ValueError(f"{where}: segment {i} has t_range {seg['t_range']}, but its steps {steps} of "
+                             f"{n} {manifest['skip_type']} steps run over t {t_range}")
+        window = seg.get("window")
+        if window is not None:
+            want = None if overlap is None else [max(0, steps[0] - overlap), min(n, steps[1] + overlap)]
+            inside = 0 <= window[0] <= steps[0] and steps[1] <= window[1] <= n
+            if not inside or (want is not None and window != want):
+                raise ValueError(f"{where}: segment {i} has calibration window {window}, which is not its steps "
+                                 f"{steps} widened by the overlap {overlap}")
+            if "calib_t_range" in seg:
+                high, low = t_of_step[window[0]], t_of_step[window[1] - 1]
+                if not high >= seg["calib_t_range"][0] >= seg["calib_t_range"][1] >= low:
+                    raise ValueError(f"{where}: segment {i} was calibrated on t {seg['calib_t_range']}, outside its "
+                                     f"window's t {[high, low]}")
+        for kind in SEGMENT_FILES:
+            name = Path(seg[kind])
+            if name.is_absolute() or name.parts[:1] != (segment_dir("", i).name,) or ".." in name.parts:
+                raise ValueError(f"{where}: segment {i}'s {kind} is {seg[kind]!r}; it must be a file in the run "
+                                 f"folder's {segment_dir('', i).name}/")
+    if stop != n:
+        raise ValueError(f"{where}: the segments end at step {stop}, but the schedule has {n} steps")
 
 
 def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -181,23 +222,40 @@ def read_manifest(run_dir_or_path: str | Path) -> dict[str, Any]:
     return _validate(manifest, str(path))
 
 
+def _segment_file(run_dir: Path, seg: dict[str, Any], kind: str) -> Path:
+    """The path of segment file ``kind`` of manifest entry ``seg``, refused where it leads out of the run folder
+    (a symlinked folder: the manifest's own paths are checked when it is read)."""
+    path = run_dir / seg[kind]
+    if not path.resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"{run_dir / MANIFEST_NAME}: segment {seg['index']}'s {kind} {path} leads outside the run "
+                         f"folder (to {path.resolve()})")
+    return path
+
+
 def _load_segment_file(run_dir: Path, seg: dict[str, Any], kind: str) -> tuple[dict[str, Any], str]:
     """(contents, file SHA-256) of segment file ``kind`` ("packed" / "quant_state") of manifest entry ``seg``,
-    checked against the hash the manifest recorded and loaded with ``weights_only`` (a dict); errors name the file."""
+    checked against the file and content hashes the manifest recorded and loaded with ``weights_only`` (a dict);
+    errors name the file and the manifest."""
     what = {"packed": "packed export", "quant_state": "quant state"}[kind]
-    path = run_dir / seg[kind]
+    manifest = run_dir / MANIFEST_NAME
+    path = _segment_file(run_dir, seg, kind)
     if not path.is_file():
-        raise FileNotFoundError(f"segment {seg['index']}: {what} {path} is missing")
+        raise FileNotFoundError(f"segment {seg['index']}: {what} {path} is missing (listed in {manifest})")
     digest = file_sha256(path)
     if digest != seg["sha256"][kind]:
         raise ValueError(f"{path}: SHA-256 {digest} differs from the manifest's {seg['sha256'][kind]} "
-                         "(file replaced or corrupted)")
+                         f"({manifest}; file replaced or corrupted)")
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file that matches its recorded hash yet does not load: written so, or hash edited
         raise ValueError(f"{path}: cannot be read as a {what} ({brief_error(e)})") from e
     if not isinstance(contents, dict):
         raise ValueError(f"{path}: not a {what} (a {type(contents).__name__})")
+    recorded = seg.get("content_sha256", {}).get(kind)
+    content = None if recorded is None else state_dict_sha256(contents)
+    if content != recorded:
+        raise ValueError(f"{path}: its contents are not segment {seg['index']}'s {what} that {manifest} records "
+                         f"(content SHA-256 {content}, recorded {recorded}): the file or the manifest was changed")
     return contents, digest
 
 
@@ -274,7 +332,7 @@ def damaged_segments(run_dir: str | Path, manifest: dict[str, Any] | None = None
     damaged: dict[int, list[str]] = {}
     for seg in manifest["segments"]:
         for kind in SEGMENT_FILES:
-            path = run_dir / seg[kind]
+            path = _segment_file(run_dir, seg, kind)
             problem = ("is missing" if not path.is_file() else
                        "differs from its recorded SHA-256" if file_sha256(path) != seg["sha256"][kind] else None)
             if problem:
