@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import cli
-from mmqdiff import pipeline
+from mmqdiff.pipeline.stages import repair
 from mmqdiff.data import (CalibrationFile, equal_share_boundaries, load_calibration, record_trajectories,
                           save_calibration, select_steps)
 from mmqdiff.data.calibration import calibration_sha256
@@ -28,7 +28,8 @@ from mmqdiff.evaluation.heldout import damage_boundaries, heldout_error_of_run, 
 from mmqdiff.io import check_writable
 from mmqdiff.lightning.calibrate import SegmentCalibration
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter
-from mmqdiff.segments.run_folder import CKPT_KEY, damaged_segments, load_segment_models, read_manifest, warm_start_state
+from mmqdiff.segments.run_folder import (CKPT_KEY, calibration_compute, damaged_segments, load_segment_models,
+                                        read_manifest, warm_start_state)
 from mmqdiff.quant import QuantConfig, ReconSettings, WarmStart, calibrate, packed_nbytes, quant_state_dict
 from mmqdiff.quant.reconstruction import NonFiniteLossError
 
@@ -148,7 +149,7 @@ def test_segment_scale_gives_each_segment_its_share_of_the_iterations(world, tmp
                  extra=["--model.init_args.segment_scale", "[1.5, 0.5]"]).model
     m = read_manifest(tmp_path / "scaled")
     assert [seg["iters"] for seg in m["segments"]] == [[4, 3], [2, 1]] and m["segment_scale"] == [1.5, 0.5]
-    assert pipeline.calibration_compute(m) == [6, 4]
+    assert calibration_compute(m) == [6, 4]
     assert module.data.segment_costs == [1.5, 0.5]  # what segment_parallel balances the ranks by
     model = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
     xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(0, 5))
@@ -350,10 +351,7 @@ def test_pipeline_redoes_only_the_damaged_segment(world, finished, tmp_path, cap
     path = run_dir / "segment_01" / f"{kind}.pt"
     path.unlink() if damage.startswith("delete") else path.write_bytes(path.read_bytes()[:-1] + b"x")
     untouched = {p: p.read_bytes() for p in (run_dir / "segment_00").iterdir()}
-    timings = {}
-    pipeline.calibrate({"name": "K=2", "run_dir": str(run_dir), "config": str(CONFIG)}, str(world["calibration"]),
-                       timings)
-    assert timings == {}  # no calibration process was started
+    repair("K=2", run_dir)  # re-exports from the run's checkpoint; no calibration process is started
     problem = "is missing" if damage.startswith("delete") else "differs from its recorded SHA-256"
     assert f"K=2: {path} {problem}" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in (run_dir / "segment_00").iterdir()} == untouched
@@ -497,7 +495,7 @@ def test_warm_started_run_fine_tunes_the_k1_model_and_counts_its_compute(world, 
     state_file = base_k1 / base["segments"][0]["quant_state"]
     assert m["init_from"] == {"path": str(base_k1), "quant_state_sha256": file_sha256(state_file),
                               "compute": [3, 2], "iters": [3, 2], "warm": {"soft_margin": 0.3, "act_init": False}}
-    assert pipeline.calibration_compute(m) == [3 + 2 * 2, 2 + 2 * 1]
+    assert calibration_compute(m) == [3 + 2 * 2, 2 + 2 * 1]
     assert module.signature()["init_from"] == {k: v for k, v in m["init_from"].items() if k != "path"}
     model = load_checkpoint(build_model(world["config"]), world["checkpoint"]).eval()
     xs, ts = load_calibration(world["calibration"], cali_st=2, cali_n=6, steps=range(5, 10))
