@@ -163,7 +163,7 @@ def time_to_target(fp, xs, ts, convergence: Path, repeats: int, device: torch.de
 
 def embedded_data(fp, k: int = 4) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The first of k segments' pairs from the main job's calibration file (cali_st 4, cali_n 32 as
-    configs/embedded/calibrate_k4.yaml), or random inputs of that size when the file is missing."""
+    configs/embedded/calibrate_k1.yaml), or random inputs of that size when the file is missing."""
     if EMBEDDED_CALIB.is_file():
         xs, ts = load_calibration(EMBEDDED_CALIB, 4, 32, steps=timestep_segments(100, k)[0])
         return xs, ts, str(EMBEDDED_CALIB)

@@ -34,7 +34,7 @@ env_report() {
 cli_run() {
   local gpu=(--trainer.accelerator gpu --trainer.devices 1)
   "$py" cli.py predict --config configs/embedded/gen_calib.yaml "${gpu[@]}" &&
-  "$py" cli.py fit --config configs/embedded/calibrate_k4.yaml "${gpu[@]}" --trainer.strategy auto \
+  "$py" cli.py fit --config configs/embedded/calibrate_k1.yaml --config configs/embedded/calibrate_k4.yaml "${gpu[@]}" --trainer.strategy auto \
     --model.init_args.recon.cali_iters 40 --model.init_args.recon.cali_iters_a 10 &&
   "$py" cli.py predict --config configs/embedded/sample.yaml "${gpu[@]}" --data.init_args.num_images 256 &&
   for runtime in auto int; do  # auto: fake-quant on a GPU

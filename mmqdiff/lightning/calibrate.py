@@ -1,4 +1,5 @@
-"""Calibrating K segment models in one run: ``python cli.py fit --config configs/embedded/calibrate_k4.yaml``.
+"""Calibrating K segment models in one run: ``python cli.py fit --config
+configs/embedded/calibrate_k1.yaml --config configs/embedded/calibrate_k4.yaml``.
 
 A thin Lightning driver around :class:`mmqdiff.quant.SegmentCalibrator` (what ``mmqdiff.quant.calibrate`` loops
 over): the :class:`~mmqdiff.lightning.calib_data.CalibrationDataModule` (``data:``) holds each segment's pairs and
