@@ -1,5 +1,5 @@
 """The integer runtime of K segment models held together: ``IntegerSegments(qmodels)``, indexed like the list of
-models the sampler switches between (``segment_switch``).
+models it replaces (``mmqdiff.segments.SegmentedModel.to_integer`` switches through it by segment).
 
 Why K int8 models can be resident in less than one FP model: the segments of a run quantize the same FP weights
 with the same per-channel scales and zero points (calibration learns only each weight's rounding and the activation
