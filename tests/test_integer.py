@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import yaml
 
 from mmqdiff.data import record_trajectories, timestep_segments
-from mmqdiff.diffusion import build_model, ddim_sample, file_sha256, linear_betas, load_checkpoint, timesteps
+from mmqdiff.diffusion import (build_model, ddim_sample, file_sha256, linear_betas, load_checkpoint,
+                               state_dict_sha256, timesteps)
 from mmqdiff.lightning.predict import MultiModelSampler, SampleIndices, SampleWriter, load_samples
 from mmqdiff.segments import SegmentedModel
 from mmqdiff.segments.run_folder import segment_dir, write_manifest
@@ -463,7 +464,7 @@ def test_refusals_say_why(embedded, trajectories):
 def write_run(tmp_path, fp: torch.nn.Module, k: int, num_steps: int, quant_act: bool = True):
     """A calibration run folder (manifest + packed exports) of K quickly quantized copies of ``fp``."""
     run = tmp_path / f"run_k{k}_{quant_act}"
-    segments = []
+    segments, t_of_step = [], timesteps(num_steps, "quad")[::-1]
     for s, steps in enumerate(timestep_segments(num_steps, k)):
         q = quantize_model(fp, QuantConfig(quant_act=quant_act)).eval()
         q.set_quant_state(True, True)
@@ -472,13 +473,14 @@ def write_run(tmp_path, fp: torch.nn.Module, k: int, num_steps: int, quant_act: 
         path = segment_dir(run, s) / "packed.pt"
         path.parent.mkdir(parents=True)
         torch.save(export_packed(q), path)
-        segments.append({"index": s, "steps": [steps.start, steps.stop], "t_range": [0, 0], "pairs": 0,
+        segments.append({"index": s, "steps": [steps.start, steps.stop], "t_range": [t_of_step[steps.start], t_of_step[steps.stop - 1]], "pairs": 0,
                          "quant_state": str(path.relative_to(run)), "packed": str(path.relative_to(run)),
                          "sha256": {"packed": file_sha256(path)}, "model_bytes": 0, "wall_seconds": 0.0,
                          "peak_mem_bytes": 0})
     write_manifest(run, {"k": k, "num_steps": num_steps, "skip_type": "quad", "segments": segments,
                          "weight_bits": 4, "act_bits": 8, "quant_config": {}, "reconstruction": {},
-                         "fp_model": {}, "calibration": {}, "wall_seconds": 0.0, "peak_mem_kind": "none"})
+                         "fp_model": {"checkpoint": "tiny.pt", "sha256": state_dict_sha256(fp)}, "calibration": {},
+                         "wall_seconds": 0.0, "peak_mem_kind": "none"})
     return run
 
 
