@@ -14,7 +14,7 @@ from mmqdiff.data.synthetic import make_synthetic_images
 from mmqdiff.evaluation.features import SmallClassifier
 from mmqdiff.evaluation.features import (INCEPTION_WEIGHTS_NAME, ClassifierExtractor, FeatureExtractor,
                                          InceptionExtractor)
-from mmqdiff.evaluation.fidelity import StepErrorMeter, psnr, psnr_per_image
+from mmqdiff.evaluation.fidelity import psnr, psnr_per_image, squared_error
 from mmqdiff.evaluation import metrics as image_metrics
 from mmqdiff.evaluation.metrics import build_metrics, score_images
 from mmqdiff.evaluation.real_images import load_real_images, to_uint8
@@ -216,13 +216,12 @@ def test_psnr_hand_computed():
         psnr(a, b[:1])
 
 
-def test_step_error_meter_averages_per_step():
-    meter = StepErrorMeter(num_steps=3)
-    meter.update(0, torch.ones(4), torch.zeros(4))        # 4 elements, squared error 1
-    meter.update(0, torch.full((8,), 3.0), torch.zeros(8))  # 8 elements, squared error 9
-    meter.update(2, torch.full((2, 5), 2.0), torch.zeros(2, 5))
-    out = meter.compute()
-    assert out[0] == pytest.approx((4 * 1 + 8 * 9) / 12) and math.isnan(out[1]) and out[2] == pytest.approx(4.0)
+def test_squared_error_is_float64_elementwise():
+    eps, ref = torch.tensor([[1.0, 2.0], [0.5, -1.0]]), torch.tensor([[0.0, 2.0], [0.25, 1.0]])
+    err = squared_error(eps, ref)
+    assert err.dtype == torch.float64 and err.tolist() == [[1.0, 0.0], [0.0625, 4.0]]
+    big = torch.tensor([16777217.0], dtype=torch.float64)  # 2^24 + 1: not a float32 number
+    assert squared_error(big, torch.zeros(1)).item() == 16777217.0 ** 2
 
 
 def test_chunk_spread_equals_separate_scores_of_each_chunk(tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 
 def _unit_float(images: Tensor) -> Tensor:
@@ -41,23 +40,7 @@ def paired_psnr(images: Tensor, indices: Tensor, ref_images: Tensor, ref_indices
     return psnr_per_image(images, ref_images[torch.tensor([position[j] for j in indices.tolist()], dtype=torch.long)])
 
 
-class StepErrorMeter(Metric):
-    """Mean squared error between quantized and FP noise predictions, per sampling step index.
-
-    Sums and element counts are metric states reduced by sum, so DDP ranks combine exactly. Steps never updated
-    give NaN.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_steps: int, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("sq_sum", torch.zeros(num_steps, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros(num_steps, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, step_index: int, eps_q: Tensor, eps_fp: Tensor) -> None:
-        self.sq_sum[step_index] += (eps_q.double() - eps_fp.double()).square().sum()
-        self.count[step_index] += eps_q.numel()
-
-    def compute(self) -> list[float]:
-        return (self.sq_sum / self.count).tolist()
+def squared_error(eps: Tensor, eps_fp: Tensor) -> Tensor:
+    """Elementwise squared difference of a noise prediction from the FP model's on the same (x_t, t), in float64:
+    the one definition behind the per-step error on sampled trajectories (per image) and on held-out ones."""
+    return (eps.double() - eps_fp.double()).square()

@@ -19,6 +19,7 @@ from ..data.segments import equal_share_boundaries
 from ..diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint
 from ..segments import SegmentedModel
 from ..segments.run_folder import read_manifest
+from .fidelity import squared_error
 
 
 @torch.no_grad()
@@ -39,8 +40,8 @@ def heldout_step_error(model_for_step: Callable[[int], nn.Module], fp_model: nn.
         sq, n = 0.0, 0
         for start in range(0, len(idx), batch_size):
             x, t = xs[start:start + batch_size].to(device), ts[start:start + batch_size].to(device)
-            diff = model_for_step(i)(x, t).double() - fp_model(x, t).double()
-            sq, n = sq + float(diff.square().sum()), n + diff.numel()
+            err = squared_error(model_for_step(i)(x, t), fp_model(x, t))
+            sq, n = sq + float(err.sum()), n + err.numel()
         out.append(sq / n)
     return out
 

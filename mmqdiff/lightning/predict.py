@@ -150,7 +150,7 @@ class MultiModelSampler(L.LightningModule):
             begin = self._clock()
             x, eps = x[tracked], eps[tracked]
             ref = self.fp_model(x, torch.full((x.shape[0],), float(t), device=x.device))
-            step_mse[:, i] = (eps - ref).pow(2).flatten(1).mean(1).cpu()
+            step_mse[:, i] = squared_error(eps, ref).flatten(1).mean(1).cpu()
             tracking += self._clock() - begin
 
         track = self.quantized and len(tracked) > 0
