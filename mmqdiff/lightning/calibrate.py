@@ -30,9 +30,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256, timesteps
 from ..segments.run_folder import (CKPT_KEY, LAST_CKPT, MANIFEST_NAME, add_item_stats, build_manifest,
                                    calibration_record, cpu_state, fp_model_record, new_segment_stats, peak_mem_bytes,
-                                   run_record, segment_record, warm_start_state, write_manifest, write_segment)
+                                   run_record, segment_record, warm_settings, warm_start_state, write_manifest,
+                                   write_segment, write_shared_files)
 from ..quant import QuantConfig, QuantizedUNet, ResumePoint, SegmentCalibrator, WarmStart, quant_state_dict
-from ..quant.reconstruction import ReconSettings, work_items
+from ..quant.calibration import calibration_items, check_scope
+from ..quant.reconstruction import ReconSettings
 from .calib_data import CalibrationDataModule, Pairs
 from .checkpoint_io import AtomicCheckpointIO
 from .run_lock import RunFolderLock
@@ -169,6 +171,9 @@ class SegmentCalibration(LightningModule):
             every segment starts from and fine-tunes with ``recon``'s (smaller) budget, instead of the plain init;
             its compute counts towards this run's (``init_from.compute`` in the manifest). None: the reference.
         warm: how a warm start fine-tunes (``WarmStart``: alpha restart margin, activation re-init).
+        segment_scope: "full" (each segment calibrates weights and activations) or "activations": every segment
+            keeps the weight rounding of ``init_from`` exactly (no weight phase) and calibrates only its activation
+            step sizes, initialised again on its own pairs; the run folder stores the shared weights once.
         overwrite: replace the outputs of a previous run in the same folder instead of refusing.
 
     Outputs go to ``trainer.default_root_dir`` (the run folder); ``trainer.callbacks`` must include
@@ -177,13 +182,17 @@ class SegmentCalibration(LightningModule):
 
     def __init__(self, model_config: str, checkpoint: str, quant: QuantConfig = QuantConfig(),
                  recon: ReconSettings = ReconSettings(), seed: int = 1234, segment_scale: list[float] | None = None,
-                 init_from: str | None = None, warm: WarmStart = WarmStart(), overwrite: bool = False):
+                 init_from: str | None = None, warm: WarmStart = WarmStart(), segment_scope: str = "full",
+                 overwrite: bool = False):
         super().__init__()
         self.automatic_optimization = False
         self.model_config, self.checkpoint = model_config, checkpoint
         self.quant, self.recon, self.seed, self.overwrite = quant, recon, seed, overwrite
         self.segment_scale = None if segment_scale is None else [float(f) for f in segment_scale]
-        self.init_from, self.warm = init_from, warm
+        self.init_from, self.warm, self.segment_scope = init_from, warm, check_scope(segment_scope)
+        if segment_scope == "activations" and init_from is None:
+            raise ValueError("model.init_args.segment_scope 'activations' keeps the weight rounding of a finished K=1 "
+                             "run: set model.init_args.init_from")
         self.next_item = 0
         self.items_this_session = 0
         self.nets = _Nets()
@@ -240,14 +249,16 @@ class SegmentCalibration(LightningModule):
         self.my_segments = data.segment_ids
         self.warm_record, init_state = (None, None) if self.init_from is None else \
             warm_start_state(self.init_from, self.model_sha256, asdict(self.quant))
+        self.shared_state = init_state if self.segment_scope == "activations" else None
         for s in self.my_segments:  # segments are never empty (timestep_segments), nor their selection
             self.nets.segments[s] = SegmentCalibrator(fp, self.quant, self.segment_recon(s), seed=self.seed,
-                                                      segment=s, init_state=init_state, warm=self.warm)
+                                                      segment=s, init_state=init_state, warm=self.warm,
+                                                      scope=self.segment_scope)
             self.stats[s] = new_segment_stats()
         any_model = (self.nets.segments[self.my_segments[0]].qmodel if self.my_segments
                      else QuantizedUNet(fp, self.quant))
         self.units = list(any_model.unit_names)
-        self.items = work_items(len(self.units), self.quant.quant_act)
+        self.items = calibration_items(len(self.units), self.quant.quant_act, self.segment_scope)
         self._resumed = False
 
     def segment_recon(self, s: int) -> ReconSettings:
@@ -264,14 +275,17 @@ class SegmentCalibration(LightningModule):
                 "skip_type": data.skip_type, "cali_st": data.cali_st, "cali_n": data.cali_n,
                 "overlap": data.overlap, "quant": asdict(self.quant), "recon": recon, "seed": self.seed,
                 "units": self.units,
-                "segment_scale": self.segment_scale, "init_from": self._init_from_entry(with_path=False)}
+                "segment_scale": self.segment_scale, "init_from": self._init_from_entry(with_path=False),
+                # only where it is not "full", so checkpoints from before the switch existed still resume
+                **({} if self.segment_scope == "full" else {"segment_scope": self.segment_scope})}
 
     def _init_from_entry(self, with_path: bool) -> dict[str, Any] | None:
         """The warm start's record (base state hash, its compute and iterations, the fine-tune switches), None
         without one. The resume signature leaves out the folder's path: the state's hash is its identity."""
         if self.warm_record is None:
             return None
-        return {**{k: v for k, v in self.warm_record.items() if with_path or k != "path"}, "warm": asdict(self.warm)}
+        return {**{k: v for k, v in self.warm_record.items() if with_path or k != "path"},
+                "warm": warm_settings(self.warm, self.segment_scope)}
 
     def on_fit_start(self) -> None:
         # rank 0 decides for all: another rank could otherwise look after rank 0 deleted, skip the barrier, and hang
@@ -385,11 +399,14 @@ class SegmentCalibration(LightningModule):
         self.reporter.stop()
         if self.next_item < len(self.items):  # stopped early: on_fit_end says so
             return
-        entries = {s: self._write_segment(s) for s in self.my_segments}
+        entries: dict[int | str, Any] = {s: self._write_segment(s) for s in self.my_segments}
+        if self.shared_state is not None and 0 in self.my_segments:  # the shared weights, once
+            entries["shared"] = write_shared_files(self.run_dir, self.nets.segments[0].qmodel, self.quant.quant_act)
         gathered = gather_to_zero(entries)
         if gathered is not None:
             segments = {s: e for part in gathered for s, e in part.items()}
-            path = write_manifest(self.run_dir, self._manifest([segments[s] for s in range(self.data.k)]))
+            path = write_manifest(self.run_dir, self._manifest([segments[s] for s in range(self.data.k)],
+                                                               segments.get("shared")))
             Console().print(f"calibrated {self.data.k} segment model(s) in {self._elapsed():.1f} s: {path}")
         self.trainer.strategy.barrier()
 
@@ -406,15 +423,17 @@ class SegmentCalibration(LightningModule):
 
     def _write_segment(self, s: int) -> dict[str, Any]:
         record = segment_record(s, self.data.segments[s], self.data.window(s), self.t_of_step, self.segment_recon(s),
-                                self.data.selected[s][1], self.stats[s], self.trainer.global_rank)
-        return write_segment(self.run_dir, record, self.nets.segments[s].qmodel, self.quant.quant_act)
+                                self.data.selected[s][1], self.stats[s], self.trainer.global_rank,
+                                self.segment_scope)
+        return write_segment(self.run_dir, record, self.nets.segments[s].qmodel, self.quant.quant_act,
+                             self.shared_state)
 
-    def _manifest(self, segments: list[dict[str, Any]]) -> dict[str, Any]:
+    def _manifest(self, segments: list[dict[str, Any]], shared: dict[str, Any] | None) -> dict[str, Any]:
         data = self.data
         calibration = calibration_record(data.path, data.sha256, data.cali_st, data.cali_n, data.overlap, data.meta)
         run = run_record(num_steps=data.num_steps, skip_type=data.skip_type, quant=self.quant, recon=self.recon,
                          seed=self.seed, segment_scale=self.segment_scale,
                          init_from=self._init_from_entry(with_path=True), units=self.units, fp_model=self.fp_record,
                          calibration=calibration, wall_seconds=self._elapsed(), device=self.device,
-                         world_size=self.trainer.world_size)
-        return build_manifest(run, segments)
+                         world_size=self.trainer.world_size, segment_scope=self.segment_scope)
+        return build_manifest(run, segments, shared)

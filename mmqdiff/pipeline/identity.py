@@ -16,6 +16,7 @@ from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, 
 from ..io import atomic_write_text, shipped_path
 from ..quant import QuantConfig
 from ..quant.reconstruction import ReconSettings, WarmStart
+from ..segments.run_folder import segment_scope, warm_settings
 
 RECORD_NAME = "pipeline_stage.json"
 FORMAT = "mmqdiff.pipeline-stage/1"
@@ -120,8 +121,10 @@ def run_settings(manifest: Mapping[str, Any]) -> dict[str, Any]:
             "quant": {**asdict(QuantConfig()), **manifest["quant_config"]},
             "recon": {k: v for k, v in recon.items() if k not in RESULT_FREE_RECON},
             "seed": manifest.get("seed"), "segment_scale": manifest.get("segment_scale"),
+            "segment_scope": segment_scope(manifest),
             "init_from": None if not warm else {"quant_state": warm["quant_state_sha256"],
-                                                "warm": {**asdict(WarmStart()), **warm.get("warm", {})}}}
+                                                "warm": None if warm.get("warm", {}) is None else
+                                                {**asdict(WarmStart()), **warm.get("warm", {})}}}
 
 
 def calibration_settings(model: Mapping[str, Any], data: Mapping[str, Any], inputs: Inputs,
@@ -137,5 +140,7 @@ def calibration_settings(model: Mapping[str, Any], data: Mapping[str, Any], inpu
             "num_steps": data["num_steps"], "skip_type": data["skip_type"], "k": data["k"], "segments": segments,
             "quant": dict(model["quant"]), "recon": recon, "seed": model["seed"],
             "segment_scale": None if scale is None else [float(f) for f in scale],
-            "init_from": None if model["init_from"] is None else {"quant_state": base_quant_state,
-                                                                  "warm": dict(model["warm"])}}
+            "segment_scope": model["segment_scope"],
+            "init_from": None if model["init_from"] is None else {
+                "quant_state": base_quant_state, "warm": warm_settings(WarmStart(**model["warm"]),
+                                                                       model["segment_scope"])}}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from ..cli import shipped_configs
+from ..cli import PARSER_OPTIONS, shipped_configs
 from ..data import CalibrationFile
 from ..diffusion import load_config
 from ..io import shipped_path
@@ -45,8 +45,7 @@ class _ParserOnly(LightningCLI):
 @functools.lru_cache(maxsize=1)
 def _parser() -> Any:
     """``cli.py``'s parser, built once per process (building it costs several times a parse)."""
-    return _ParserOnly(subclass_mode_model=True, subclass_mode_data=True, args=[], save_config_callback=None,
-                       auto_configure_optimizers=False).parser
+    return _ParserOnly(**PARSER_OPTIONS, args=[], save_config_callback=None).parser
 
 
 @dataclass(frozen=True)
@@ -290,16 +289,19 @@ class Plan:
         return base
 
     def planned_compute(self, run: Calibration) -> list[int]:
-        """[weight, activation] iterations per unit the run will spend over its segments, plus those of its
-        warm-start base (what ``calibration_compute`` reads from the finished run's manifest)."""
+        """[weight, activation] iterations per unit the run will spend over its segments (no weight iterations
+        under segment_scope "activations"), plus those of its warm-start base (what ``calibration_compute`` reads
+        from the finished run's manifest)."""
         model, data = self.command(run).init_args("model"), self.command(run).init_args("data")
         recon, scale = ReconSettings(**model["recon"]), model["segment_scale"]
         if scale is not None and len(scale) != data["k"]:
             raise ConfigError(f"{self.where(run)}: model.init_args.segment_scale has {len(scale)} factors for "
                               f"k={data['k']} segments")
         segments = [recon] * data["k"] if scale is None else [recon.scaled(f) for f in scale]
+        weight_phase = model["segment_scope"] == "full"  # "activations": the base's rounding, no weight phase
         base = self.base_run(run)
         init_from = model["init_from"]
         total = ([0, 0] if init_from is None else self.planned_compute(base) if base is not None
                  else calibration_compute(read_manifest(init_from)))
-        return [total[0] + sum(s.cali_iters for s in segments), total[1] + sum(s.cali_iters_a for s in segments)]
+        return [total[0] + weight_phase * sum(s.cali_iters for s in segments),
+                total[1] + sum(s.cali_iters_a for s in segments)]

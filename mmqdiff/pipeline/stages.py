@@ -22,8 +22,8 @@ from ..data import timestep_segments
 from ..diffusion import build_model, load_config
 from ..evaluation.heldout import damage_boundaries, heldout_error_of_run
 from ..io import atomic_write_text
-from ..segments.run_folder import (LAST_CKPT, MANIFEST_NAME, calibration_compute, damaged_segments, read_manifest,
-                                   reexport_segments, run_identity)
+from ..segments.run_folder import (LAST_CKPT, MANIFEST_NAME, calibration_compute, damaged_segments, model_bytes,
+                                   read_manifest, reexport_segments, run_identity, segment_scope)
 from .config import Calibration
 from .identity import (Inputs, StageRefused, calibration_settings, describe, differences, digest, read_record,
                        run_settings, write_record)
@@ -282,7 +282,7 @@ def run_entry(name: str, metrics: dict[str, Any], manifest: dict[str, Any] | Non
         segs = manifest["segments"]
         recon = manifest["reconstruction"]
         entry.update(segments=len(segs), weight_bits=manifest["weight_bits"], act_bits=manifest["act_bits"],
-                     model_bytes=sum(s["model_bytes"] for s in segs),
+                     segment_scope=segment_scope(manifest), model_bytes=model_bytes(manifest),
                      calib_seconds=manifest.get("wall_seconds", sum(s["wall_seconds"] for s in segs)),
                      peak_mem_bytes=max(s["peak_mem_bytes"] for s in segs),
                      calib_iters=[recon["cali_iters"], recon["cali_iters_a"]],

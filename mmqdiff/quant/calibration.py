@@ -7,6 +7,10 @@ segment k of a Lightning run with seed s0 (same thread count on CPU). Work runs 
 for every u, then unit u's activation phase: :func:`~mmqdiff.quant.reconstruction.work_items`); every item is seeded
 from (seed, segment, unit, phase) alone, so a calibration resumed from a :class:`ResumePoint` ends with the same bits
 as one uninterrupted run.
+
+``scope="activations"`` (:data:`SEGMENT_SCOPES`) calibrates only what drifts along the trajectory: starting from a
+finished calibration's quant state, it keeps the weight rounding as it is (no weight phase) and re-runs the
+activation init and the activation phase on this calibration's pairs.
 """
 from __future__ import annotations
 
@@ -21,6 +25,24 @@ from .model import QuantizedUNet, StateValue, load_quant_state, quant_state_dict
 from .modules import QuantConfig
 from .reconstruction import (Progress, ReconSettings, WarmStart, calibrate_item, init_act_quantizers, item_seed,
                              work_items)
+
+# what a segment calibrates: "full" (AdaRound weight rounding and activation step sizes) or "activations" (only the
+# activation step sizes, on a base calibration's weight rounding)
+SEGMENT_SCOPES = ("full", "activations")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in SEGMENT_SCOPES:
+        raise ValueError(f"segment_scope must be one of {SEGMENT_SCOPES}, got {scope!r}")
+    return scope
+
+
+def calibration_items(num_units: int, quant_act: bool, scope: str = "full") -> list[tuple[int, str]]:
+    """(unit index, phase) in calibration order for ``scope``: every unit's weight phase, then every unit's
+    activation phase (:func:`~mmqdiff.quant.reconstruction.work_items`); "activations" keeps the activation phases
+    only."""
+    check_scope(scope)
+    return [item for item in work_items(num_units, quant_act) if scope == "full" or item[1] == "act"]
 
 
 @dataclass(frozen=True)
@@ -71,17 +93,31 @@ class SegmentCalibrator:
             run's model) loaded before the first item and fine-tuned as ``warm`` says, instead of the plain init.
         warm: how a warm start is fine-tuned (:class:`~mmqdiff.quant.reconstruction.WarmStart`); only with
             ``init_state``.
+        scope: "full" (every work item) or "activations": ``init_state``'s weight rounding is kept exactly (no
+            weight phase) and the activation ranges are initialised again on this calibration's pairs before its
+            activation phase (``warm`` does not apply and must stay at its default).
         resume: continue a stopped calibration (its quant state must come from the same model and config).
     """
 
     def __init__(self, fp_model: nn.Module, quant_config: QuantConfig, settings: ReconSettings, *, seed: int,
                  segment: int = 0, init_state: dict[str, StateValue] | None = None, warm: WarmStart = WarmStart(),
-                 resume: ResumePoint | None = None):
+                 scope: str = "full", resume: ResumePoint | None = None):
         self.fp_model, self.settings, self.seed, self.segment = fp_model, settings, seed, segment
+        if check_scope(scope) == "activations":
+            if init_state is None:
+                raise ValueError("segment_scope 'activations' keeps the weight rounding of a finished calibration: "
+                                 "give the calibration to start from (init_from / init_state)")
+            if not quant_config.quant_act:
+                raise ValueError("segment_scope 'activations' calibrates activation quantizers, but quantization "
+                                 "config quant_act is false (nothing to calibrate)")
+            if warm != WarmStart():
+                raise ValueError(f"warm {warm} fine-tunes a weight phase and kept activation ranges; segment_scope "
+                                 "'activations' runs no weight phase and initialises the activation ranges again: "
+                                 "leave warm at its default")
         self.qmodel = quantize_model(fp_model, quant_config).eval()
-        self.items = work_items(len(self.qmodel.unit_names), quant_config.quant_act)
+        self.items = calibration_items(len(self.qmodel.unit_names), quant_config.quant_act, scope)
         self.next_item = 0
-        self.warm = None if init_state is None else warm
+        self.warm = None if init_state is None or scope == "activations" else warm
         if init_state is not None:
             load_quant_state(self.qmodel, init_state)
         if resume is not None:
@@ -119,7 +155,7 @@ def calibrate(fp_model: nn.Module, quant_config: QuantConfig | None, xs: torch.T
               settings: ReconSettings | None = None, *, seed: int = 1234, segment: int = 0,
               callback: Callable[[ItemDone], None] | None = None, progress: Progress | None = None,
               init_state: dict[str, StateValue] | None = None, warm: WarmStart = WarmStart(),
-              resume: ResumePoint | None = None) -> QuantizedUNet:
+              scope: str = "full", resume: ResumePoint | None = None) -> QuantizedUNet:
     """Quantize ``fp_model`` and calibrate it on the pairs (xs [N, C, H, W] model inputs x_t, ts [N] timesteps):
     Q-Diffusion's block-wise reconstruction, every unit's AdaRound weight phase, then every unit's activation
     step-size phase (see :mod:`mmqdiff.quant.reconstruction`). ``fp_model`` is not modified; its device is used.
@@ -132,12 +168,13 @@ def calibrate(fp_model: nn.Module, quant_config: QuantConfig | None, xs: torch.T
     iterations). ``seed``/``segment`` seed every item. ``callback(item)`` runs after every work item with an
     :class:`ItemDone` (progress, losses, ``item.resume_point()`` for a checkpoint); an exception it raises stops the
     calibration. ``progress(iteration, iterations, loss)`` is called inside items. ``init_state`` / ``warm``: start
-    from a finished calibration's quant state and fine-tune it (:class:`SegmentCalibrator`). ``resume`` continues
-    from a :class:`ResumePoint` with the bits of an uninterrupted run.
+    from a finished calibration's quant state and fine-tune it (:class:`SegmentCalibrator`); ``scope="activations"``
+    keeps its weight rounding and calibrates the activation step sizes only. ``resume`` continues from a
+    :class:`ResumePoint` with the bits of an uninterrupted run.
     """
     _check_pairs(xs, ts)
     calibrator = SegmentCalibrator(fp_model, quant_config or QuantConfig(), settings or ReconSettings(), seed=seed,
-                                   segment=segment, init_state=init_state, warm=warm, resume=resume)
+                                   segment=segment, init_state=init_state, warm=warm, scope=scope, resume=resume)
     while not calibrator.done:
         item = calibrator.run_item(xs, ts, progress)
         if callback is not None:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .model import QuantizedUNet, StateValue, check_state, load_quant_state, quant_state_dict, with_config_defaults
-from .modules import QuantLayer
+from .modules import QuantLayer, act_quantizers
 
 FORMAT = "mmqdiff.packed/1"
 WEIGHT_QUANTIZERS = ("weight_quantizer", "weight_quantizer_0")
@@ -69,6 +69,17 @@ def export_packed(qmodel: QuantizedUNet) -> dict[str, StateValue]:
                 out[f"{key}.shape"] = torch.tensor(w.shape, dtype=torch.int64)
                 out[f"{key}.bits"], out[f"{key}.qmin"] = q.n_bits, q.qmin
     return out
+
+
+def split_activations(qmodel: QuantizedUNet, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(everything else, the activation quantizers' entries) of a quant state or packed export of ``qmodel``: the
+    step sizes, zero points and init flags that segments of segment_scope "activations" calibrate each for
+    themselves, apart from the weights, scales, FP params and switches they share. ``{**shared, **own}`` is the
+    state again."""
+    owners = {id(q) for q in act_quantizers(qmodel)}
+    prefixes = tuple(f"{name}." for name, m in qmodel.model.named_modules() if id(m) in owners)
+    own = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    return {k: v for k, v in state.items() if k not in own}, own
 
 
 def packed_nbytes(export: dict[str, Any]) -> int:

@@ -7,8 +7,10 @@ steps), so each weight's K levels are ``floor(w / s) + h_k`` with AdaRound's ``h
 base level per weight plus one rounding bit per weight and segment reproduces every segment's levels exactly:
 ``1 + K/8`` bytes per weight instead of ``K``. Only the segment in use is unpacked into the kernels' packed int8
 layout (``pack="active"``), at each segment switch; ``pack="all"`` keeps every segment packed (no re-packing,
-``K`` bytes per weight plus the kernels' padding). Where the levels of a layer's segments differ by more than one
-(models not calibrated from one FP model, different bit widths) that layer keeps each segment's int8 codes.
+``K`` bytes per weight plus the kernels' padding). Where every segment has the same levels (segment_scope
+"activations": the segments keep one weight rounding and differ only in their activation steps), the rounding bits
+are left out: one int8 code set for all K, 1 byte per weight. Where the levels of a layer's segments differ by more
+than one (models not calibrated from one FP model, different bit widths) that layer keeps each segment's int8 codes.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .integer import (IntegerLayer, IntegerUNet, IntMMKernel, OneDNNKernel, int8_with_offset, share_constants,
-                      to_integer, weight_codes)
+from .integer import (IntegerLayer, IntegerUNet, IntMMKernel, OneDNNKernel, int8_with_offset, resident_nbytes,
+                      share_constants, to_integer, weight_codes)
 from .model import QuantizedUNet
 
 PACK_MODES = ("active", "all")
@@ -39,8 +41,8 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 class SegmentCodes(nn.Module):
     """One kernel's weight levels in K segments: a shared base (int8 + per-channel offset, as a kernel holds it) and
-    one rounding bit per weight and segment; or, where the segments' levels differ by more than one, each segment's
-    int8 codes and offsets as they are."""
+    one rounding bit per weight and segment (none where every segment has the base's levels); or, where the
+    segments' levels differ by more than one, each segment's int8 codes and offsets as they are."""
 
     def __init__(self, codes: Sequence[tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
@@ -55,7 +57,7 @@ class SegmentCodes(nn.Module):
             base8, base_offset = int8_with_offset(base)
             self.register_buffer("base", base8)
             self.register_buffer("base_offset", base_offset)
-            self.register_buffer("bits", torch.stack([pack_bits(r) for r in rounding]))
+            self.register_buffer("bits", torch.stack([pack_bits(r) for r in rounding]) if rounding.any() else None)
         else:
             self.register_buffer("w8", torch.stack([w8 for w8, _ in codes]))
 
@@ -65,8 +67,10 @@ class SegmentCodes(nn.Module):
         if not self.shared:
             return self.w8[k], self.offsets[k]
         shift = (self.base_offset - self.offsets[k]).to(torch.int16).view((-1,) + (1,) * (len(self.shape) - 1))
-        rounding = unpack_bits(self.bits[k], self.numel).view(self.shape)
-        return (self.base.to(torch.int16) + shift).add_(rounding).to(torch.int8), self.offsets[k]
+        levels = self.base.to(torch.int16) + shift
+        if self.bits is not None:
+            levels.add_(unpack_bits(self.bits[k], self.numel).view(self.shape))
+        return levels.to(torch.int8), self.offsets[k]
 
 
 class IntegerSegments(nn.Module):
@@ -110,6 +114,15 @@ class IntegerSegments(nn.Module):
         if self.pack == "active" and k != self.active:
             self.activate(k)
         return self.models[k]
+
+    def sampling_nbytes(self) -> int:
+        """Resident bytes while a sampler runs these segments (:func:`~mmqdiff.quant.resident_nbytes`): with
+        ``pack="active"`` the largest over which segment is packed. Leaves the last segment active."""
+        sizes = []
+        for k in range(len(self)):
+            self[k]
+            sizes.append(resident_nbytes([self]))
+        return max(sizes)
 
     def activate(self, k: int) -> None:
         """Re-pack segment ``k``'s weights into its kernels and release the previous segment's."""

@@ -25,10 +25,12 @@ from ..diffusion import load_config, state_dict_sha256, timesteps
 from ..io import check_writable
 from ..quant import (IntegerSegments, IntegerUNet, IntegerUnsupported, ItemDone, QuantConfig, QuantizedUNet,
                      ReconSettings, WarmStart, calibrate)
+from ..quant.calibration import check_scope
 from ..quant.runtime import resolve_runtime
 from .run_folder import (LAST_CKPT, MANIFEST_NAME, add_item_stats, build_manifest, calibration_record,
                          fp_model_record, load_segment_models, new_segment_stats, peak_mem_bytes, read_manifest,
-                         run_record, segment_record, warm_start_state, write_manifest, write_segment)
+                         run_record, segment_record, warm_settings, warm_start_state, write_manifest,
+                         write_segment, write_shared_files)
 
 
 def diffusion_timesteps(config: str | Path | Mapping[str, Any] | None) -> int:
@@ -58,7 +60,9 @@ class SegmentedModel(nn.Module):
         self.models = models if isinstance(models, IntegerSegments) else nn.ModuleList(models)
         self.seq = [int(t) for t in seq]
         self.manifest = manifest  # the run folder's, when loaded from one
-        self._unsaved: tuple[dict[str, Any], list[dict[str, Any]]] | None = None  # set by calibrate, written by save
+        # set by calibrate, written by save: the run record, the segment records and, for segment_scope
+        # "activations", the base quant state whose weights the segments share
+        self._unsaved: tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any] | None] | None = None
         self._segments_of_t: dict[int, set[int]] = {}
         for i, t in enumerate(reversed(self.seq)):  # quad schedules repeat some small t
             self._segments_of_t.setdefault(t, set()).add(self.step_segment[i])
@@ -128,7 +132,7 @@ class SegmentedModel(nn.Module):
                   settings: ReconSettings, *, cali_st: int, cali_n: int, k: int = 1,
                   boundaries: Sequence[int] | None = None, skip_type: str = "quad",
                   segment_scale: Sequence[float] | None = None, init_from: str | Path | None = None,
-                  warm: WarmStart = WarmStart(), seed: int = 1234,
+                  warm: WarmStart = WarmStart(), segment_scope: str = "full", seed: int = 1234,
                   model_config: str | Path | Mapping[str, Any] | None = None,
                   checkpoint: str | Path | None = None) -> SegmentedModel:
         """Calibrate one model per segment of the calibration file's sampling steps, as ``cli.py fit`` does.
@@ -139,6 +143,9 @@ class SegmentedModel(nn.Module):
         ``segment_scale[s]``, if given) and ``seed``, so its bits equal segment s of a fit run with the same
         settings (same thread count on CPU; ``fp_model`` in eval mode, as fit loads it). ``init_from``: a finished
         K=1 run folder every segment starts from and fine-tunes as ``warm`` says (fit's ``init_from``).
+        ``segment_scope="activations"`` (needs ``init_from``): every segment keeps that run's weight rounding exactly
+        and calibrates only its activation step sizes (initialised again on its own pairs, ``settings.cali_iters_a``
+        iterations per unit); ``save`` stores the shared weights once.
         ``model_config`` / ``checkpoint``: where ``fp_model`` came from, for the manifest (tools that reload the FP
         model by itself, such as the held-out error, read them; ``cli.py predict`` takes its own).
         """
@@ -152,6 +159,9 @@ class SegmentedModel(nn.Module):
         scale = None if segment_scale is None else [float(f) for f in segment_scale]
         if scale is not None and len(scale) != k:
             raise ValueError(f"segment_scale has {len(scale)} factors for k={k} segments")
+        if check_scope(segment_scope) == "activations" and init_from is None:
+            raise ValueError("segment_scope 'activations' keeps the weight rounding of a finished K=1 run: pass "
+                             "init_from")
         warm_record, init_state = (None, None) if init_from is None else \
             warm_start_state(init_from, fp_sha256, asdict(quant_config))
         device = next(fp_model.parameters()).device
@@ -171,26 +181,28 @@ class SegmentedModel(nn.Module):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             q = calibrate(fp_model, quant_config, xs, ts, recon, seed=seed, segment=s, callback=count,
-                          init_state=init_state, warm=warm)
+                          init_state=init_state, warm=warm, scope=segment_scope)
             q.freeze()
             models.append(q)
-            records.append(segment_record(s, steps, steps, t_of_step, recon, ts, stats))
+            records.append(segment_record(s, steps, steps, t_of_step, recon, ts, stats, scope=segment_scope))
         run = run_record(num_steps=calib.num_steps, skip_type=skip_type, quant=quant_config, recon=settings,
-                         seed=seed, segment_scale=scale,
-                         init_from=None if warm_record is None else {**warm_record, "warm": asdict(warm)},
+                         seed=seed, segment_scale=scale, segment_scope=segment_scope,
+                         init_from=None if warm_record is None else {**warm_record, "warm": warm_settings(
+                             warm, segment_scope)},
                          units=list(models[0].unit_names),
                          fp_model=fp_model_record(model_config, checkpoint, fp_sha256),
                          calibration=calibration_record(calib.path, calibration_sha256(calib.path), cali_st, cali_n,
                                                         0, calib.meta),
                          wall_seconds=time.perf_counter() - start, device=device)
         model = cls(segments, models, seq)
-        model._unsaved = (run, records)
+        model._unsaved = (run, records, init_state if segment_scope == "activations" else None)
         return model
 
     # ------------------------------------------------------------------------------------------------- files
     def save(self, run_dir: str | Path, overwrite: bool = False) -> Path:
-        """Write the run folder ``cli.py fit`` writes (``segment_XX/{quant_state,packed}.pt``, ``manifest.json``
-        with hashes); returns the manifest's path. Refuses a folder holding a run unless ``overwrite``."""
+        """Write the run folder ``cli.py fit`` writes (``segment_XX/{quant_state,packed}.pt``, with segment_scope
+        "activations" ``shared/`` once and only activation quantizers per segment; ``manifest.json`` with hashes);
+        returns the manifest's path. Refuses a folder holding a run unless ``overwrite``."""
         if self._unsaved is None:
             raise ValueError("save() writes the models of SegmentedModel.calibrate; this model "
                              + (f"was loaded from a run folder, which is its saved form ({self.manifest['k']} "
@@ -202,10 +214,11 @@ class SegmentedModel(nn.Module):
             raise FileExistsError(f"{run_dir} holds a previous run ({', '.join(map(str, previous))}); choose another "
                                   "folder or pass overwrite=True")
         check_writable(run_dir)
-        run, records = self._unsaved
+        run, records, base = self._unsaved
         quant_act = self.models[0].config.quant_act
-        entries = [write_segment(run_dir, record, q, quant_act) for record, q in zip(records, self.models)]
-        return write_manifest(run_dir, build_manifest(run, entries))
+        entries = [write_segment(run_dir, record, q, quant_act, base) for record, q in zip(records, self.models)]
+        shared = None if base is None else write_shared_files(run_dir, self.models[0], quant_act)
+        return write_manifest(run_dir, build_manifest(run, entries, shared))
 
     @classmethod
     def load(cls, run_dir: str | Path, fp_model: nn.Module | None = None,

@@ -3,6 +3,9 @@
 
 The manifest says what was run (segments, step and t ranges, bits, quant and reconstruction settings, FP model and
 calibration file with their SHA-256) and what it cost (wall time, peak memory, packed model bytes per segment).
+A run of ``segment_scope`` "activations" (recorded in the manifest; absent means "full") keeps one weight rounding
+for every segment: its weights, scales, FP params and switches are stored once, in ``shared/{quant_state,packed}.pt``
+(the manifest's ``shared`` entry), and each segment's files hold only its activation quantizers; loading joins them.
 :func:`load_segment_models` turns a run folder back into K frozen quantized models for the K-model sampler;
 :func:`damaged_segments` and :func:`reexport_segments` find and rewrite segment files that went missing or changed.
 """
@@ -18,14 +21,18 @@ import torch
 
 from ..diffusion import build_model, file_sha256, load_checkpoint, load_config, state_dict_sha256, timesteps
 from ..io import atomic_save, atomic_write_text, brief_error
-from ..quant import (QuantConfig, QuantizedUNet, ReconSettings, config_from_state, export_packed, load_packed,
-                    load_quant_state, packed_nbytes, quant_state_dict, quantize_model)
+from ..quant import (QuantConfig, QuantizedUNet, ReconSettings, WarmStart, config_from_state, export_packed,
+                    load_packed, load_quant_state, packed_nbytes, quant_state_dict, quantize_model)
+from ..quant.calibration import SEGMENT_SCOPES, calibration_items
+from ..quant.export import split_activations
+from ..quant.model import with_config_defaults
 
 FORMAT = "mmqdiff.calibration-run/1"
 MANIFEST_NAME = "manifest.json"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"  # the run's Lightning checkpoint: every segment's quant state
 CKPT_KEY = "mmqdiff_calibration"  # where SegmentCalibration keeps its state inside that checkpoint
 SEGMENT_FILES = ("quant_state", "packed")
+SHARED_DIR = "shared"  # segment_scope "activations": the weights every segment shares, stored once
 REQUIRED = ("format", "k", "num_steps", "skip_type", "segments", "weight_bits", "act_bits", "quant_config",
             "reconstruction", "fp_model", "calibration", "wall_seconds", "peak_mem_kind")
 SEGMENT_REQUIRED = ("index", "steps", "t_range", "pairs", "quant_state", "packed", "sha256", "model_bytes",
@@ -41,14 +48,47 @@ def cpu_state(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
-def write_segment_files(run_dir: str | Path, segment: int, qmodel: QuantizedUNet, quant_act: bool) -> dict[str, Any]:
-    """Write a calibrated segment model's ``quant_state.pt`` and ``packed.pt`` (atomically); their manifest entries:
-    paths relative to the run folder, file and content SHA-256 (the content hash survives a re-save), packed bytes."""
-    run_dir = Path(run_dir)
+def model_states(qmodel: QuantizedUNet, quant_act: bool) -> dict[str, dict[str, Any]]:
+    """A calibrated model's ``quant_state`` and ``packed`` export (on the CPU), as its run folder files hold them."""
     qmodel.set_quant_state(True, quant_act)
-    folder = segment_dir(run_dir, segment)
+    return {"quant_state": cpu_state(quant_state_dict(qmodel)), "packed": cpu_state(export_packed(qmodel))}
+
+
+def _equal(a: Any, b: Any) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else \
+        type(a) is type(b) and a == b
+
+
+def write_segment_files(run_dir: str | Path, segment: int, qmodel: QuantizedUNet, quant_act: bool,
+                        shared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a calibrated segment model's ``quant_state.pt`` and ``packed.pt`` (atomically); their manifest entries:
+    paths relative to the run folder, file and content SHA-256 (the content hash survives a re-save), packed bytes.
+
+    ``shared`` (segment_scope "activations"): the quant state whose weight rounding every segment keeps (the base
+    run's); the segment's own must equal it outside the activation quantizers, and only those are written."""
+    run_dir = Path(run_dir)
+    states = model_states(qmodel, quant_act)
+    if shared is not None:
+        kept, _ = split_activations(qmodel, with_config_defaults(shared))
+        mine, states["quant_state"] = split_activations(qmodel, states["quant_state"])
+        changed = sorted(k for k in kept.keys() | mine.keys()
+                         if k not in kept or k not in mine or not _equal(kept[k], mine[k]))
+        if changed:
+            raise RuntimeError(f"segment {segment}: its weight state differs from the shared one in {changed[:3]} "
+                               f"({len(changed)} keys); segment_scope 'activations' stores the weights once")
+        states["packed"] = split_activations(qmodel, states["packed"])[1]
+    return _write_files(run_dir, segment_dir(run_dir, segment), states)
+
+
+def write_shared_files(run_dir: str | Path, qmodel: QuantizedUNet, quant_act: bool) -> dict[str, Any]:
+    """The manifest's ``shared`` entry of a segment_scope "activations" run: ``shared/{quant_state,packed}.pt``
+    written from any of its segment models without their activation quantizers (what the segments share)."""
+    states = {kind: split_activations(qmodel, state)[0] for kind, state in model_states(qmodel, quant_act).items()}
+    return _write_files(Path(run_dir), Path(run_dir) / SHARED_DIR, states)
+
+
+def _write_files(run_dir: Path, folder: Path, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     files = {"quant_state": folder / "quant_state.pt", "packed": folder / "packed.pt"}
-    states = {"quant_state": cpu_state(quant_state_dict(qmodel)), "packed": cpu_state(export_packed(qmodel))}
     for kind, path in files.items():
         atomic_save(states[kind], path)
     return {**{k: str(p.relative_to(run_dir)) for k, p in files.items()},
@@ -83,20 +123,24 @@ def add_item_stats(seg_stats: dict[str, Any], unit: str, phase: str, stats: dict
 
 
 def segment_record(index: int, steps: range, window: range, t_of_step: Sequence[int], recon: ReconSettings,
-                   calib_ts: torch.Tensor, seg_stats: dict[str, Any], rank: int = 0) -> dict[str, Any]:
+                   calib_ts: torch.Tensor, seg_stats: dict[str, Any], rank: int = 0,
+                   scope: str = "full") -> dict[str, Any]:
     """Segment ``index``'s manifest entry apart from its files: its steps (and their t), the calibration window and
-    pairs (``calib_ts``, the selected timesteps), its iterations and what it cost."""
-    return {"index": index, "steps": [steps.start, steps.stop], "iters": [recon.cali_iters, recon.cali_iters_a],
+    pairs (``calib_ts``, the selected timesteps), the iterations it spent (no weight phase in ``scope``
+    "activations") and what it cost."""
+    iters = [recon.cali_iters if scope == "full" else 0, recon.cali_iters_a]
+    return {"index": index, "steps": [steps.start, steps.stop], "iters": iters,
             "t_range": [t_of_step[steps.start], t_of_step[steps.stop - 1]], "window": [window.start, window.stop],
             "pairs": len(calib_ts), "calib_t_range": [int(calib_ts.max()), int(calib_ts.min())],
             "wall_seconds": seg_stats["wall_seconds"], "peak_mem_bytes": seg_stats["peak_mem_bytes"], "rank": rank,
             "units": [{k: u[k] for k in UNIT_KEYS} for u in seg_stats["units"]]}
 
 
-def write_segment(run_dir: str | Path, record: dict[str, Any], qmodel: QuantizedUNet,
-                  quant_act: bool) -> dict[str, Any]:
-    """The segment's files (:func:`write_segment_files`) written; its full manifest entry returned."""
-    return {**record, **write_segment_files(run_dir, record["index"], qmodel, quant_act)}
+def write_segment(run_dir: str | Path, record: dict[str, Any], qmodel: QuantizedUNet, quant_act: bool,
+                  shared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The segment's files (:func:`write_segment_files`; ``shared`` for segment_scope "activations") written; its
+    full manifest entry returned."""
+    return {**record, **write_segment_files(run_dir, record["index"], qmodel, quant_act, shared)}
 
 
 def fp_model_record(config: str | Path | Mapping[str, Any] | None, checkpoint: str | Path | None,
@@ -119,10 +163,12 @@ def calibration_record(path: str | Path, sha256: str, cali_st: int, cali_n: int,
 def run_record(*, num_steps: int, skip_type: str, quant: QuantConfig, recon: ReconSettings, seed: int,
                segment_scale: list[float] | None, init_from: dict[str, Any] | None, units: list[str],
                fp_model: dict[str, Any], calibration: dict[str, Any], wall_seconds: float, device: torch.device,
-               world_size: int = 1) -> dict[str, Any]:
+               world_size: int = 1, segment_scope: str = "full") -> dict[str, Any]:
     """The manifest apart from its segment entries: what was run and on what (``init_from``: the warm start's
-    record with its ``warm`` settings, None without one)."""
-    return {"num_steps": num_steps, "skip_type": skip_type, "weight_bits": quant.weight_bits,
+    record with its ``warm`` settings, None without one; ``segment_scope`` only where it is not "full", so the
+    manifests of full runs stay as they were)."""
+    scope = {} if segment_scope == "full" else {"segment_scope": segment_scope}
+    return {**scope, "num_steps": num_steps, "skip_type": skip_type, "weight_bits": quant.weight_bits,
             "act_bits": quant.act_bits if quant.quant_act else 32, "quant_config": asdict(quant),
             "reconstruction": asdict(recon), "seed": seed, "segment_scale": segment_scale, "init_from": init_from,
             "units": units, "fp_model": fp_model, "calibration": calibration, "wall_seconds": wall_seconds,
@@ -130,12 +176,33 @@ def run_record(*, num_steps: int, skip_type: str, quant: QuantConfig, recon: Rec
             "torch_threads": torch.get_num_threads()}
 
 
-def build_manifest(run: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:
+def warm_settings(warm: WarmStart, scope: str) -> dict[str, Any] | None:
+    """The warm start's fine-tune switches as ``init_from.warm`` records them; None under segment_scope
+    "activations", which uses none (no weight phase; activation ranges initialised again)."""
+    return asdict(warm) if scope == "full" else None
+
+
+def build_manifest(run: dict[str, Any], segments: list[dict[str, Any]],
+                   shared: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of a finished run (for :func:`write_manifest`): ``run`` (:func:`run_record`), the K segment
-    entries (:func:`write_segment`) and their totals."""
-    return {"k": len(segments), **run, "segments": segments,
-            "peak_mem_bytes": max(seg["peak_mem_bytes"] for seg in segments),
-            "model_bytes": sum(seg["model_bytes"] for seg in segments)}
+    entries (:func:`write_segment`), the ``shared`` entry of segment_scope "activations"
+    (:func:`write_shared_files`) and their totals."""
+    manifest = {"k": len(segments), **run, "segments": segments,
+                "peak_mem_bytes": max(seg["peak_mem_bytes"] for seg in segments)}
+    if shared is not None:
+        manifest["shared"] = shared
+    return {**manifest, "model_bytes": model_bytes(manifest)}
+
+
+def segment_scope(manifest: dict[str, Any]) -> str:
+    """The run's segment_scope ("full" for manifests that do not record one)."""
+    return manifest.get("segment_scope", "full")
+
+
+def model_bytes(manifest: dict[str, Any]) -> int:
+    """Packed bytes of the run's models: every segment's, plus the shared weights stored once."""
+    shared = manifest.get("shared") or {}
+    return sum(seg["model_bytes"] for seg in manifest["segments"]) + shared.get("model_bytes", 0)
 
 
 def _validate(manifest: Any, where: str) -> dict[str, Any]:
@@ -153,7 +220,28 @@ def _validate(manifest: Any, where: str) -> dict[str, Any]:
         if missing or seg["index"] != i:
             raise ValueError(f"{where}: segment entry {i} is malformed (missing {missing}, index {seg.get('index')})")
     _check_segments(manifest, where)
+    _check_shared(manifest, where)
     return manifest
+
+
+def _check_shared(manifest: dict[str, Any], where: str) -> None:
+    """A segment_scope "activations" run lists its shared weight files, inside ``shared/``; a full run lists none."""
+    scope, shared = segment_scope(manifest), manifest.get("shared")
+    if scope not in SEGMENT_SCOPES:
+        raise ValueError(f"{where}: segment_scope {scope!r} is not one of {SEGMENT_SCOPES}")
+    if (scope == "activations") != (shared is not None):
+        raise ValueError(f"{where}: segment_scope {scope!r} " + ("needs a 'shared' entry (the weights its segments "
+                         "share)" if shared is None else "has no shared weights, but the manifest lists 'shared'"))
+    if shared is None:
+        return
+    missing = [k for k in ("quant_state", "packed", "sha256", "model_bytes") if k not in shared]
+    if missing:
+        raise ValueError(f"{where}: the 'shared' entry is malformed (missing {missing})")
+    for kind in SEGMENT_FILES:
+        name = Path(shared[kind])
+        if name.is_absolute() or name.parts[:1] != (SHARED_DIR,) or ".." in name.parts:
+            raise ValueError(f"{where}: the shared {kind} is {shared[kind]!r}; it must be a file in the run folder's "
+                             f"{SHARED_DIR}/")
 
 
 def _check_segments(manifest: dict[str, Any], where: str) -> None:
@@ -222,12 +310,17 @@ def read_manifest(run_dir_or_path: str | Path) -> dict[str, Any]:
     return _validate(manifest, str(path))
 
 
+def _owner(seg: dict[str, Any]) -> str:
+    """How messages name a manifest file entry: a segment's, or the ``shared`` one (which has no index)."""
+    return f"segment {seg['index']}" if "index" in seg else "the shared weights"
+
+
 def _segment_file(run_dir: Path, seg: dict[str, Any], kind: str) -> Path:
     """The path of segment file ``kind`` of manifest entry ``seg``, refused where it leads out of the run folder
     (a symlinked folder: the manifest's own paths are checked when it is read)."""
     path = run_dir / seg[kind]
     if not path.resolve().is_relative_to(run_dir.resolve()):
-        raise ValueError(f"{run_dir / MANIFEST_NAME}: segment {seg['index']}'s {kind} {path} leads outside the run "
+        raise ValueError(f"{run_dir / MANIFEST_NAME}: {_owner(seg)}'s {kind} {path} leads outside the run "
                          f"folder (to {path.resolve()})")
     return path
 
@@ -240,7 +333,7 @@ def _load_segment_file(run_dir: Path, seg: dict[str, Any], kind: str) -> tuple[d
     manifest = run_dir / MANIFEST_NAME
     path = _segment_file(run_dir, seg, kind)
     if not path.is_file():
-        raise FileNotFoundError(f"segment {seg['index']}: {what} {path} is missing (listed in {manifest})")
+        raise FileNotFoundError(f"{_owner(seg)}: {what} {path} is missing (listed in {manifest})")
     digest = file_sha256(path)
     if digest != seg["sha256"][kind]:
         raise ValueError(f"{path}: SHA-256 {digest} differs from the manifest's {seg['sha256'][kind]} "
@@ -254,26 +347,30 @@ def _load_segment_file(run_dir: Path, seg: dict[str, Any], kind: str) -> tuple[d
     recorded = seg.get("content_sha256", {}).get(kind)
     content = None if recorded is None else state_dict_sha256(contents)
     if content != recorded:
-        raise ValueError(f"{path}: its contents are not segment {seg['index']}'s {what} that {manifest} records "
+        raise ValueError(f"{path}: its contents are not {_owner(seg)}'s {what} that {manifest} records "
                          f"(content SHA-256 {content}, recorded {recorded}): the file or the manifest was changed")
     return contents, digest
 
 
-def _load_export(run_dir: Path, seg: dict[str, Any]) -> dict[str, Any]:
-    return _load_segment_file(run_dir, seg, "packed")[0]
+def _packed_hash(entry: dict[str, Any]) -> str:
+    return entry.get("content_sha256", {}).get("packed", entry["sha256"]["packed"])
 
 
 def run_identity(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """What a calibration run's segment models are, for records that must notice another run: each segment's steps
-    and its packed export's content hash (its file hash in manifests written before content hashes)."""
-    return [{"steps": seg["steps"], "packed": seg.get("content_sha256", {}).get("packed", seg["sha256"]["packed"])}
+    and its packed export's content hash (its file hash in manifests written before content hashes), with the
+    shared weights' content hash where the segments share them (segment_scope "activations")."""
+    shared = manifest.get("shared")
+    return [{"steps": seg["steps"], "packed": _packed_hash(seg), **({} if shared is None else
+                                                                     {"shared": _packed_hash(shared)})}
             for seg in manifest["segments"]]
 
 
 def calibration_compute(manifest: dict[str, Any]) -> list[int]:
-    """[weight, activation] reconstruction iterations per unit summed over the run's segments, plus those of the run
-    it was warm-started from (``init_from.compute``): the compute that equal-compute comparisons hold fixed (every
-    unit costs the same per iteration in every segment)."""
+    """[weight, activation] reconstruction iterations per unit summed over the run's segments (as each spent
+    them: none in the weight phase under segment_scope "activations"), plus those of the run it was warm-started
+    from (``init_from.compute``): the compute that equal-compute comparisons hold fixed (every unit costs the same
+    per iteration in every segment)."""
     iters = [seg.get("iters") or [manifest["reconstruction"]["cali_iters"], manifest["reconstruction"]["cali_iters_a"]]
              for seg in manifest["segments"]]
     base = (manifest.get("init_from") or {}).get("compute", [0, 0])
@@ -293,6 +390,9 @@ def warm_start_state(run_dir: str | Path, model_sha256: str,
     if manifest["k"] != 1:
         raise ValueError(f"{where}: k is {manifest['k']}; a warm start begins from a K=1 run (one model for every "
                          "step)")
+    if segment_scope(manifest) != "full":
+        raise ValueError(f"{where}: segment_scope is {segment_scope(manifest)!r}; a warm start begins from a run of "
+                         "segment_scope 'full' (its whole quant state in one segment)")
     if manifest["fp_model"]["sha256"] != model_sha256:
         raise ValueError(f"{where}: calibrated from FP weights with SHA-256 {manifest['fp_model']['sha256']}, not "
                          f"this model's {model_sha256}")
@@ -315,9 +415,10 @@ def load_segment_models(run_dir: str | Path, fp_model: torch.nn.Module | None = 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     arch = fp_model if fp_model is not None else build_model(manifest["fp_model"]["config_dict"])
+    shared = {} if manifest.get("shared") is None else _load_segment_file(run_dir, manifest["shared"], "packed")[0]
     ranges, models = [], []
     for seg in manifest["segments"]:
-        export = _load_export(run_dir, seg)
+        export = {**shared, **_load_segment_file(run_dir, seg, "packed")[0]}
         q = quantize_model(arch, config_from_state(export)).to(device)
         models.append(load_packed(q, export).eval())
         ranges.append(range(*seg["steps"]))
@@ -326,18 +427,28 @@ def load_segment_models(run_dir: str | Path, fp_model: torch.nn.Module | None = 
 
 def damaged_segments(run_dir: str | Path, manifest: dict[str, Any] | None = None) -> dict[int, list[str]]:
     """``{segment: [problem, ...]}`` for every segment file the manifest lists that is missing or whose SHA-256
-    differs from the recorded one; empty when the run's artefacts are all intact."""
+    differs from the recorded one (a damaged shared weight file: for every segment, all of them load it); empty when
+    the run's artefacts are all intact."""
     run_dir = Path(run_dir)
     manifest = manifest or read_manifest(run_dir)
+    shared = [] if manifest.get("shared") is None else _file_problems(run_dir, manifest["shared"])
     damaged: dict[int, list[str]] = {}
     for seg in manifest["segments"]:
-        for kind in SEGMENT_FILES:
-            path = _segment_file(run_dir, seg, kind)
-            problem = ("is missing" if not path.is_file() else
-                       "differs from its recorded SHA-256" if file_sha256(path) != seg["sha256"][kind] else None)
-            if problem:
-                damaged.setdefault(seg["index"], []).append(f"{path} {problem}")
+        problems = _file_problems(run_dir, seg) + shared
+        if problems:
+            damaged[seg["index"]] = problems
     return damaged
+
+
+def _file_problems(run_dir: Path, entry: dict[str, Any]) -> list[str]:
+    problems = []
+    for kind in SEGMENT_FILES:
+        path = _segment_file(run_dir, entry, kind)
+        problem = ("is missing" if not path.is_file() else
+                   "differs from its recorded SHA-256" if file_sha256(path) != entry["sha256"][kind] else None)
+        if problem:
+            problems.append(f"{path} {problem}")
+    return problems
 
 
 def reexport_segments(run_dir: str | Path, segments: list[int]) -> None:
@@ -357,7 +468,8 @@ def reexport_segments(run_dir: str | Path, segments: list[int]) -> None:
     signature, quant = state["signature"], QuantConfig(**manifest["quant_config"])
     same_run = all(signature[a] == manifest[b] for a, b in (("quant", "quant_config"), ("seed", "seed"),
                                                               ("units", "units"), ("k", "k")))
-    finished = state["next_item"] >= len(manifest["units"]) * (2 if quant.quant_act else 1)
+    scope = segment_scope(manifest)
+    finished = state["next_item"] >= len(calibration_items(len(manifest["units"]), quant.quant_act, scope))
     if not (same_run and finished):
         raise ValueError(f"cannot re-export segment(s) {segments}: {ckpt_path} is not the finished run the manifest "
                          "describes; recalibrate the run (--model.init_args.overwrite true)")
@@ -368,11 +480,16 @@ def reexport_segments(run_dir: str | Path, segments: list[int]) -> None:
                          "not the ones this run was calibrated from")
     for s in segments:
         qmodel = QuantizedUNet(fp, quant).eval()
-        load_quant_state(qmodel, state["segments"][s]["quant_state"])
-        seg = manifest["segments"][s]
-        entry = write_segment_files(run_dir, s, qmodel, quant.quant_act)
-        if seg.get("content_sha256", entry["content_sha256"]) != entry["content_sha256"]:
-            raise ValueError(f"segment {s}: re-exported from {ckpt_path}, its contents differ from the recorded ones; "
-                             "recalibrate the run (--model.init_args.overwrite true)")
-        seg.update(entry)
+        own = state["segments"][s]["quant_state"]
+        load_quant_state(qmodel, own)
+        entries = [(manifest["segments"][s], f"segment {s}",
+                    write_segment_files(run_dir, s, qmodel, quant.quant_act, None if scope == "full" else own))]
+        if manifest.get("shared") is not None and _file_problems(run_dir, manifest["shared"]):
+            entries.append((manifest["shared"], "the shared weights",
+                            write_shared_files(run_dir, qmodel, quant.quant_act)))
+        for seg, owner, entry in entries:
+            if seg.get("content_sha256", entry["content_sha256"]) != entry["content_sha256"]:
+                raise ValueError(f"{owner}: re-exported from {ckpt_path}, its contents differ from the recorded ones; "
+                                 "recalibrate the run (--model.init_args.overwrite true)")
+            seg.update(entry)
     write_manifest(run_dir, {k: v for k, v in manifest.items() if k != "format"})

@@ -1,0 +1,153 @@
+"""Where one model per segment pays (configs/experiments/segment_scope_map.yaml): for each K>1 arm of a pipeline
+report (a setting's weight/activation bits and its segment_scope, "full" or "activations"), the paired difference
+over calibration seeds to the K=1 arm given the same total calibration compute (FID, KID, PSNR vs FP; mean, 95% t
+interval, seeds where K>1 is better: ``mmqdiff.evaluation.seeds``), the calibration seconds (a warm-started run with
+its K=1 base), the bytes stored and resident on the integer runtime, and a figure of the FID difference against the
+activation bits per variant.
+
+    .venv/bin/python scripts/experiments/scope_map.py outputs/embedded/report_scope_map/report.json \\
+        --out docs/segment_scope_map.png
+
+Rows name their seed as ``", seed <n>"``; the K=1 arm a K>1 arm is compared with is the one with the same bits and
+the same total iterations (``calib_iters_total``), as ``equal_compute_to`` pairs them. Resident bytes are measured
+on the first seed's run folder of each arm (``IntegerSegments.sampling_nbytes``; the pipeline record beside the
+report names the folders).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from mmqdiff.evaluation.plots import save_figure
+from mmqdiff.evaluation.seeds import paired_difference, runs_by_arm
+from mmqdiff.pipeline import RECORD_NAME
+from mmqdiff.segments import SegmentedModel
+from mmqdiff.segments.run_folder import read_manifest
+
+METRICS = {"fid": ("FID", ".2f"), "kid": ("KID", ".4f"), "psnr_vs_fp": ("PSNR vs FP (dB)", ".2f")}
+Arm = dict[int, dict[str, Any]]
+
+
+def first(arm: Arm) -> dict[str, Any]:
+    return arm[min(arm)]
+
+
+def setting(arm: Arm) -> tuple[int, int]:
+    return first(arm)["weight_bits"], first(arm)["act_bits"]
+
+
+def equal_compute_reference(name: str, arm: Arm, arms: dict[str, Arm]) -> str:
+    """The K=1 arm with ``arm``'s bits and total iterations."""
+    compute = first(arm)["calib_iters_total"]
+    found = [other for other, runs in arms.items() if first(runs)["segments"] == 1
+             and setting(runs) == setting(arm) and first(runs)["calib_iters_total"] == compute]
+    if len(found) != 1:
+        raise SystemExit(f"{name!r}: {len(found)} K=1 arms at W{setting(arm)[0]}A{setting(arm)[1]} with its compute "
+                         f"{compute} ({found}); the report needs exactly one")
+    return found[0]
+
+
+def difference(arm: Arm, reference: Arm, metric: str) -> dict[str, Any]:
+    """``paired_difference``; with a single common seed (a smoke run) the difference alone, without an interval."""
+    seeds = sorted(set(arm) & set(reference))
+    if len(seeds) >= 2:
+        return paired_difference(arm, reference, metric)
+    diff = float(arm[seeds[0]][metric]) - float(reference[seeds[0]][metric])
+    return {"seeds": seeds, "mean": diff, "ci95": None, "wins": None, "resolved": False}
+
+
+def cell(d: dict[str, Any], fmt: str) -> str:
+    if d["ci95"] is None:
+        return f"{d['mean']:+{fmt}} (1 seed)"
+    lo, hi = d["ci95"]
+    mark = "**" if d["resolved"] else ""
+    return f"{mark}{d['mean']:+{fmt}}{mark} [{lo:+{fmt}}, {hi:+{fmt}}], {d['wins']}/{len(d['seeds'])}"
+
+
+def calibration_seconds(run_dir: str) -> float:
+    """A run's calibration wall time, with that of the K=1 run it was warm-started from."""
+    manifest = read_manifest(run_dir)
+    base = manifest.get("init_from")
+    return manifest["wall_seconds"] + (0.0 if base is None else read_manifest(base["path"])["wall_seconds"])
+
+
+def resident_bytes(run_dir: str) -> int:
+    """Bytes the run's segment models hold on the integer runtime while sampling (``pack="active"``)."""
+    return SegmentedModel.load(run_dir).to_integer().models.sampling_nbytes()
+
+
+def figure(rows: list[dict[str, Any]]) -> Figure:
+    """FID difference to K=1 at equal compute (95% interval over seeds) against activation bits, one series per
+    weight bits and segment_scope."""
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    series = sorted({(r["weight_bits"], r["scope"]) for r in rows})
+    for i, (w, scope) in enumerate(series):
+        points = sorted((r["act_bits"], r["fid"]) for r in rows if (r["weight_bits"], r["scope"]) == (w, scope))
+        x = [a + 0.12 * (i - (len(series) - 1) / 2) for a, _ in points]
+        y = [d["mean"] for _, d in points]
+        err = [[d["mean"] - d["ci95"][0] for _, d in points], [d["ci95"][1] - d["mean"] for _, d in points]] \
+            if all(d["ci95"] is not None for _, d in points) else None
+        ax.errorbar(x, y, yerr=err, marker="o" if scope == "full" else "s", capsize=3,
+                    linestyle="-" if w == 4 else ":", label=f"W{w}, segment_scope {scope}")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(sorted({r["act_bits"] for r in rows}))
+    ax.set_xlabel("activation bits")
+    ax.set_ylabel("FID, K=4 minus K=1 at equal compute")
+    ax.set_title("below 0: one model per segment pays", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("report", help="report.json of configs/experiments/segment_scope_map.yaml (or a shrunken copy)")
+    ap.add_argument("--default-seed", type=int, default=1234, help="seed of rows without a ', seed <n>' suffix")
+    ap.add_argument("--out", help="PNG of the FID difference against activation bits")
+    ap.add_argument("--no-resident", action="store_true", help="skip loading run folders for the resident bytes")
+    args = ap.parse_args()
+    report = Path(args.report)
+    runs = json.loads(report.read_text())["runs"]
+    run_dirs = {row["name"]: row["run_dir"] for row in json.loads((report.parent / RECORD_NAME).read_text())["rows"]
+                if "run_dir" in row}
+    arms = runs_by_arm(runs, args.default_seed)
+
+    rows = []
+    for name, arm in arms.items():
+        if first(arm)["segments"] == 1:
+            continue
+        ref_name = equal_compute_reference(name, arm, arms)
+        ref = arms[ref_name]
+        row = {"arm": name, "reference": ref_name, "scope": first(arm).get("segment_scope", "full"),
+               "weight_bits": setting(arm)[0], "act_bits": setting(arm)[1],
+               **{m: difference(arm, ref, m) for m in METRICS},
+               "seconds": [statistics.fmean(calibration_seconds(run_dirs[r["name"]]) for r in a.values())
+                           for a in (arm, ref)],
+               "stored": [first(a)["model_bytes"] for a in (arm, ref)],
+               "resident": None if args.no_resident else [resident_bytes(run_dirs[first(a)["name"]])
+                                                          for a in (arm, ref)]}
+        rows.append(row)
+
+    print("Paired by calibration seed, K>1 minus K=1 at equal compute (mean [95% t interval], seeds where K>1 is "
+          "better); seconds: mean calibration wall time (K>1 with its K=1 base); bytes: K>1 / K=1\n")
+    print("| arm | K=1 at its compute | " + " | ".join(label for label, _ in METRICS.values())
+          + " | calibration s | stored bytes | resident bytes |")
+    print("|---|---|" + "---|" * (len(METRICS) + 3))
+    for r in rows:
+        resident = "-" if r["resident"] is None else f"{r['resident'][0]:,} / {r['resident'][1]:,}"
+        print(f"| {r['arm']} | {r['reference']} | " + " | ".join(cell(r[m], fmt) for m, (_, fmt) in METRICS.items())
+              + f" | {r['seconds'][0]:.0f} / {r['seconds'][1]:.0f} | {r['stored'][0]:,} / {r['stored'][1]:,} | "
+              f"{resident} |")
+    print("\n(bold: the interval excludes 0)")
+    if args.out:
+        print(save_figure(figure(rows), args.out))
+
+
+if __name__ == "__main__":
+    main()
