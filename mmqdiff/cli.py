@@ -39,6 +39,10 @@ class SaveConfigAtStart(SaveConfigCallback):
         super().setup(trainer, pl_module, "predict")
 
 
+# what every config's model/data sections mean to the parser: shared with the pipeline's parse-only copy
+PARSER_OPTIONS: dict[str, Any] = dict(subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False)
+
+
 class MMQDiffCLI(LightningCLI):
     """LightningCLI whose trainer opens ``run_log`` in the run folder when the run starts."""
 
@@ -99,9 +103,8 @@ def main(args: list[str] | None = None) -> LightningCLI:
         args = shipped_configs(args)
     with run_log() as log:
         try:
-            return MMQDiffCLI(log, subclass_mode_model=True, subclass_mode_data=True, args=args,
-                              save_config_callback=SaveConfigAtStart, save_config_kwargs={"overwrite": True},
-                              auto_configure_optimizers=False)
+            return MMQDiffCLI(log, **PARSER_OPTIONS, args=args, save_config_callback=SaveConfigAtStart,
+                              save_config_kwargs={"overwrite": True})
         except Exception as e:
             cause = project_error(e)
             if cause is e:
