@@ -37,7 +37,7 @@ _real_resolve = plan_module.resolve
 
 
 def resolve_once(name: str, args: list[str], source: str) -> plan_module.Command:
-    """``plan.resolve`` memoised over a test session (the stage config files do not change under the tests)."""
+    """``plan.resolve`` memoised over the test run (the stage config files do not change under the tests)."""
     key = (name, tuple(args), source)
     if key not in _resolved:
         _resolved[key] = _real_resolve(name, args, source)

@@ -38,7 +38,7 @@ class IndexedNoise:
 
     This is what makes FP and quantized runs start from identical noise, and makes the noise independent of how
     indices are batched or spread over devices. The images are too where the model's arithmetic per row does not
-    depend on the batch (FP and int8 runs here); fake-quant rounding turns the float kernels' batch-size-dependent
+    depend on the batch (FP and int8 runs on CPU); fake-quant rounding turns the float kernels' batch-size-dependent
     last bits into visibly different images, which is why fake-quant sampling runs full batches of one size.
     """
 

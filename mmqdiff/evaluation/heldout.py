@@ -57,7 +57,8 @@ def sample_space_error(per_step: Sequence[float], sensitivity: Sequence[float]) 
 
 
 def quarter_means(per_step: Sequence[float]) -> list[float]:
-    """Means over the four contiguous quarters of the steps (noisy to clean), the issue tracker's summary."""
+    """Means over the four contiguous quarters of the steps (noisy to clean): where along the trajectory
+    the error sits, in four numbers."""
     n = len(per_step)
     edges = [n * q // 4 for q in range(5)]
     return [sum(per_step[a:b]) / max(b - a, 1) for a, b in zip(edges, edges[1:])]

@@ -52,7 +52,7 @@ ONE, NO_ZERO_POINT = torch.ones(1), torch.zeros((), dtype=torch.int64)  # unit s
 
 
 class IntegerUnsupported(ValueError):
-    """The model, or this machine, cannot run the integer runtime; the message says why."""
+    """The model, or the host's torch build, cannot run the integer runtime; the message says why."""
 
 
 def onednn_available() -> bool:
@@ -471,7 +471,7 @@ class IntegerResnetBlock(nn.Module):
 
 class ChannelsLastGroupNorm(nn.GroupNorm):
     """GroupNorm in the channels-last layout the integer convs produce (converting layouts costs several plain
-    passes here): two-pass statistics from per-channel means, which are fast reductions in this layout. PyTorch's
+    passes): two-pass statistics from per-channel means, which are fast reductions in this layout. PyTorch's
     own channels-last GroupNorm kernel is many times slower at one or two channels per group and large batches (the
     embedded model), see benchmarks/bench_int_kernels.py. Float32 like the FP model's GroupNorm; values differ from
     it by rounding only: the output is ``x * scale + (bias - mean * scale)`` as in PyTorch's own kernel.
