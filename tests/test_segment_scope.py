@@ -25,7 +25,7 @@ from mmqdiff.quant.export import split_activations
 from mmqdiff.quant.reconstruction import calibrate_item, item_seed
 from mmqdiff.segments import SegmentedModel
 from mmqdiff.segments.run_folder import (calibration_compute, damaged_segments, load_segment_models, read_manifest,
-                                         run_identity, warm_start_state)
+                                         reexport_segments, run_identity, warm_start_state)
 
 from .conftest import ROOT
 from .test_calibrate import NUM_STEPS, fit, tensors_equal
@@ -167,6 +167,20 @@ def test_save_load_round_trip_and_damaged_shared_weights(world, runs, tmp_path):
     (copy_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"segment_scope 'activations' needs a 'shared' entry"):
         read_manifest(copy_dir)
+
+
+def test_damaged_files_are_re_exported_from_the_runs_checkpoint(runs, tmp_path):
+    """The shared weights and a segment's activations come back from ``checkpoints/last.ckpt`` as calibrated."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(runs["dir"] / "cli", run_dir)
+    (run_dir / "shared" / "packed.pt").unlink()
+    (run_dir / "segment_01" / "quant_state.pt").write_bytes(b"damaged")
+    damaged = damaged_segments(run_dir)
+    assert sorted(damaged) == [0, 1] and len(damaged[1]) == 2
+    reexport_segments(run_dir, sorted(damaged))
+    assert damaged_segments(run_dir) == {}
+    a, b = files(run_dir), files(runs["dir"] / "cli")
+    assert a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
 
 
 class Interrupted(RuntimeError):

@@ -410,8 +410,9 @@ def warm_start_state(run_dir: str | Path, model_sha256: str,
 def load_segment_models(run_dir: str | Path, fp_model: torch.nn.Module | None = None,
                         device: str | torch.device = "cpu") -> tuple[list[range], list[QuantizedUNet]]:
     """(step ranges, models): segment k's quantized model, frozen and in eval mode on ``device``, for steps
-    ``ranges[k]``. Models are rebuilt from the packed exports alone (hash-checked against the manifest);
-    ``fp_model`` only supplies the architecture (default: built from the config recorded in the manifest)."""
+    ``ranges[k]``. Models are rebuilt from the packed exports alone (hash-checked against the manifest; a
+    segment_scope "activations" segment's joined with the shared weights); ``fp_model`` only supplies the
+    architecture (default: built from the config recorded in the manifest)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     arch = fp_model if fp_model is not None else build_model(manifest["fp_model"]["config_dict"])
@@ -452,8 +453,9 @@ def _file_problems(run_dir: Path, entry: dict[str, Any]) -> list[str]:
 
 
 def reexport_segments(run_dir: str | Path, segments: list[int]) -> None:
-    """Rewrite the files of ``segments`` from the run's ``checkpoints/last.ckpt`` (it holds every segment's final
-    quant state) and the FP checkpoint the manifest names, then record their new file hashes in the manifest.
+    """Rewrite the files of ``segments`` (and damaged shared weight files) from the run's ``checkpoints/last.ckpt``
+    (it holds every segment's final quant state) and the FP checkpoint the manifest names, then record their new file
+    hashes in the manifest.
 
     The rewritten contents must hash to the recorded content SHA-256 (where the manifest has one), so a repaired
     segment is the calibrated one, not an approximation; errors say what blocks the repair."""
