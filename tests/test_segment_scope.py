@@ -12,15 +12,15 @@ import pytest
 import torch
 
 import cli
-from mmqdiff.data import load_calibration
+from mmqdiff.data import load_calibration, timestep_segments
 from mmqdiff.diffusion import IndexedNoise, ddim_sample, linear_betas
 from mmqdiff.evaluation.real_images import to_uint8
 from mmqdiff.lightning.calibrate import SegmentCalibration
 from mmqdiff.lightning.predict import load_samples
 from mmqdiff.pipeline.identity import Inputs
 from mmqdiff.pipeline.config import ConfigError
-from mmqdiff.quant import (QuantConfig, ReconSettings, WarmStart, act_quantizers, calibrate, load_quant_state,
-                           quant_layers, quant_state_dict, quantize_model, to_integer)
+from mmqdiff.quant import (IntegerSegments, QuantConfig, ReconSettings, WarmStart, act_quantizers, calibrate,
+                           load_quant_state, quant_layers, quant_state_dict, quantize_model, to_integer)
 from mmqdiff.quant.export import split_activations
 from mmqdiff.quant.reconstruction import calibrate_item, item_seed
 from mmqdiff.segments import SegmentedModel
@@ -29,7 +29,8 @@ from mmqdiff.segments.run_folder import (calibration_compute, damaged_segments, 
 
 from .conftest import ROOT
 from .test_calibrate import NUM_STEPS, fit, tensors_equal
-from .test_integer import check_divergence_only_at_rounding_ties, needs_onednn
+from .test_integer import (check_divergence_only_at_rounding_ties, embedded, embedded_quantized,  # noqa: F401
+                           inputs, needs_onednn, trajectories)
 from .test_pipeline import CALIB, main_config
 from .test_pipeline_config import plan_of
 from .test_segment_model import world  # noqa: F401 (fixture: a micro UNet and its calibration file)
@@ -215,19 +216,23 @@ def test_interrupted_fit_resumes_with_the_same_bits(world, runs, tmp_path, monke
 
 
 @needs_onednn
-def test_integer_runtime_holds_one_weight_code_set_and_equals_each_segment(world, runs):  # noqa: F811
+def test_integer_runtime_holds_one_weight_set_and_equals_each_segment(world, runs):  # noqa: F811
     model = SegmentedModel.load(runs["dir"] / "python", world["model"])
     integer = model.to_integer()
-    assert integer.models.codes and all(c.shared and c.bits is None for c in integer.models.codes)
+    segments = integer.models
+    assert not segments.codes  # no code set to re-pack from: the segments hand one packed weight set on
     x = world["xs"][3, :4]
-    with torch.inference_mode():
-        for step in (0, 9, 4, 5):
-            t = torch.full((4,), float(model.seq[-1 - step]))
-            assert torch.equal(integer(x, t), to_integer(model.model_for_step(step))(x, t))
+    for backend in ("onednn", "int_mm"):
+        handed = model.to_integer(backend)
+        assert not handed.models.codes
+        with torch.inference_mode():
+            for step in (0, 9, 4, 5):  # segments 0, 1, 0, 1: the weights handed on at each switch
+                t = torch.full((4,), float(model.seq[-1 - step]))
+                assert torch.equal(handed(x, t), to_integer(model.model_for_step(step), backend)(x, t))
     for q in model.models:  # and each segment's integer runtime equals its fake-quant model up to rounding ties
         check_divergence_only_at_rounding_ties(q)
-    # resident (the larger of the two states the sampler switches between): a K=2 full run adds a rounding bit per
-    # weight and segment to the one code set the activations-only segments share
+    # resident: one model's weights and two activation sets; a K=2 full run adds the code set it re-packs from (an
+    # int8 base and a rounding bit per weight and segment)
     full = copy.deepcopy(runs["model"].models[1])
     for layer in quant_layers(full):  # another rounding, as a K=2 full run's second segment has
         layer.unfreeze()
@@ -236,11 +241,26 @@ def test_integer_runtime_holds_one_weight_code_set_and_equals_each_segment(world
     full.freeze()
     two = SegmentedModel(model.segments, [runs["model"].models[0], full], model.seq).to_integer().models
     k1 = SegmentedModel.load(runs["dir"] / "base", world["model"]).to_integer().models
-    bits = sum(c.bits.numel() for c in two.codes)
-    assert bits > 0 and two.sampling_nbytes() - integer.models.sampling_nbytes() == bits
-    codes = sum(b.numel() * b.element_size() for c in integer.models.codes for b in c.buffers())  # + offsets
-    extra = integer.models.sampling_nbytes() - k1.sampling_nbytes() - codes
-    assert 0 < extra < 0.02 * codes  # the second activation set
+    codes = sum(b.numel() * b.element_size() for c in two.codes for b in c.buffers())
+    assert all(c.bits is not None for c in two.codes) and two.sampling_nbytes() - segments.sampling_nbytes() == codes
+    assert 0 < segments.sampling_nbytes() - k1.sampling_nbytes() < 0.02 * k1.sampling_nbytes()
+
+
+@needs_onednn
+@pytest.mark.parametrize("weight_bits", [4, 8])
+def test_segments_of_equal_weight_codes_hand_one_packed_set_on_exactly(embedded, trajectories,  # noqa: F811
+                                                                        weight_bits):
+    """The embedded UNet's K=3 segment models with one rounding and their own activation ranges (as segment_scope
+    activations gives them; W8 with weight offsets): no code set is kept, and after any switch each segment's output
+    equals its own integer runtime, packed with its own activation scale, on both backends."""
+    fakes = [embedded_quantized(embedded, trajectories, weight_bits, steps) for steps in timestep_segments(100, 3)]
+    x, t = inputs(fakes[0], 2, seed=5)
+    for backend in ("onednn", "int_mm"):
+        segments, alone = IntegerSegments(fakes, backend), [to_integer(q, backend) for q in fakes]
+        assert not segments.codes
+        with torch.inference_mode():
+            for k in (2, 0, 1, 1, 0):
+                assert torch.equal(segments[k](x, t), alone[k](x, t))
 
 
 def test_cli_predict_samples_an_activations_only_folder(world, runs, tmp_path):  # noqa: F811

@@ -7,10 +7,14 @@ steps), so each weight's K levels are ``floor(w / s) + h_k`` with AdaRound's ``h
 base level per weight plus one rounding bit per weight and segment reproduces every segment's levels exactly:
 ``1 + K/8`` bytes per weight instead of ``K``. Only the segment in use is unpacked into the kernels' packed int8
 layout (``pack="active"``), at each segment switch; ``pack="all"`` keeps every segment packed (no re-packing,
-``K`` bytes per weight plus the kernels' padding). Where every segment has the same levels (segment_scope
-"activations": the segments keep one weight rounding and differ only in their activation steps), the rounding bits
-are left out: one int8 code set for all K, 1 byte per weight. Where the levels of a layer's segments differ by more
-than one (models not calibrated from one FP model, different bit widths) that layer keeps each segment's int8 codes.
+``K`` bytes per weight plus the kernels' padding). Where every segment has the same weight codes and activation zero
+point (segment_scope "activations": the segments keep one weight rounding and differ only in their activation
+steps), no code set is kept: a kernel's packed weights are made from the weight codes alone (onednn's prepack takes an
+activation scale, but the one passed at run time is applied; the tests compare every segment with its own
+``to_integer``), so at a switch they pass unchanged from the segment in use to the next: the K segments hold one
+packed weight set, as one model does. Equal levels with different zero points keep one code set without rounding
+bits. Where the levels of a layer's segments differ by more than one (models not calibrated from one FP model,
+different bit widths) that layer keeps each segment's int8 codes.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ from .integer import (IntegerLayer, IntegerUNet, IntMMKernel, OneDNNKernel, int8
 from .model import QuantizedUNet
 
 PACK_MODES = ("active", "all")
+# what a kernel's load_weight makes from the weight codes (and the activation zero point), which kernels with equal
+# codes can hand on at a segment switch; everything else a kernel holds depends on its own activation scale
+WEIGHT_OPERANDS = {OneDNNKernel: ("packed",), IntMMKernel: ("weight", "const", "offset")}
 SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
@@ -76,8 +83,8 @@ class SegmentCodes(nn.Module):
 class IntegerSegments(nn.Module):
     """``to_integer`` for the K segment models of a run, for the sampler: ``segments[k]`` is segment k's
     :class:`IntegerUNet`, and with ``pack="active"`` indexing a segment other than the one in use first re-packs the
-    kernels' weights from the shared codes (module docstring). Outputs are those of ``to_integer(qmodels[k])``
-    exactly; ``share_constants`` is applied."""
+    kernels' weights from the shared codes, or hands on the packed weights that every segment shares (module
+    docstring). Outputs are those of ``to_integer(qmodels[k])`` exactly; ``share_constants`` is applied."""
 
     def __init__(self, qmodels: Sequence[QuantizedUNet], backend: str | None = None, pack: str = "active"):
         super().__init__()
@@ -91,6 +98,7 @@ class IntegerSegments(nn.Module):
         self.active: int | None = None
         self.codes = nn.ModuleList()
         self._kernels: list[list[OneDNNKernel | IntMMKernel]] = []  # per shared code set, the K kernels using it
+        self._handed: list[list[OneDNNKernel | IntMMKernel]] = []  # K kernels sharing one weight operand
         if pack == "all" or len(qmodels) == 1:
             return
         for name, layer in self.models[0].model.named_modules():
@@ -99,8 +107,14 @@ class IntegerSegments(nn.Module):
             sources = [q.model.get_submodule(name) for q in qmodels]
             for i in range(len(layer.kernels)):
                 codes = [weight_codes(s.weight_quantizers()[i], s.halves(s.weight.detach())[i]) for s in sources]
+                kernels = [m.model.get_submodule(name).kernels[i] for m in self.models]
+                if same_weight_operand(codes, kernels):
+                    self._handed.append(kernels)
+                    for kernel in kernels[1:]:  # segment 0's kernel holds the operand until a switch
+                        hand_on(kernel, None)
+                    continue
                 self.codes.append(SegmentCodes([(w8, offset) for w8, _, offset in codes]))
-                self._kernels.append([m.model.get_submodule(name).kernels[i] for m in self.models])
+                self._kernels.append(kernels)
         for kernels in self._kernels:
             for kernel in kernels:
                 kernel.unload_weight()
@@ -125,9 +139,32 @@ class IntegerSegments(nn.Module):
         return max(sizes)
 
     def activate(self, k: int) -> None:
-        """Re-pack segment ``k``'s weights into its kernels and release the previous segment's."""
+        """Re-pack segment ``k``'s weights into its kernels and release the previous segment's; hand the shared
+        weight operands on from the previous segment's kernels."""
         for codes, kernels in zip(self.codes, self._kernels):
             if self.active is not None:
                 kernels[self.active].unload_weight()
             kernels[k].load_weight(*codes.segment(k))
+        holder = 0 if self.active is None else self.active
+        if holder != k:
+            for kernels in self._handed:
+                hand_on(kernels[holder], kernels[k])
         self.active = k
+
+
+def same_weight_operand(codes: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                        kernels: Sequence[OneDNNKernel | IntMMKernel]) -> bool:
+    """Whether K kernels' weight operands are equal: the same weight codes, scales and offsets (``weight_codes``) and
+    the same activation zero point (the int_mm corrections use it)."""
+    w8, scale, offset = codes[0]
+    return all(torch.equal(w8, c[0]) and torch.equal(scale, c[1]) and torch.equal(offset, c[2]) for c in codes[1:]) \
+        and len({kernel.codes.zero_point for kernel in kernels}) == 1
+
+
+def hand_on(source: OneDNNKernel | IntMMKernel, target: OneDNNKernel | IntMMKernel | None) -> None:
+    """Move ``source``'s weight operand (:data:`WEIGHT_OPERANDS`) to ``target`` (None: release it); the kernels'
+    other state (scales, offset flags) stays their own."""
+    for name in WEIGHT_OPERANDS[type(source)]:
+        if target is not None:
+            setattr(target, name, getattr(source, name))
+        setattr(source, name, None)
