@@ -96,7 +96,9 @@ def figure(rows: list[dict[str, Any]]) -> Figure:
         ax.errorbar(x, y, yerr=err, marker="o" if scope == "full" else "s", capsize=3,
                     linestyle="-" if w == 4 else ":", label=f"W{w}, segment_scope {scope}")
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xticks(sorted({r["act_bits"] for r in rows}))
+    bits = sorted({r["act_bits"] for r in rows})
+    ax.set_xticks(bits)
+    ax.set_xlim(bits[0] - 1, bits[-1] + 1)
     ax.set_xlabel("activation bits")
     ax.set_ylabel("FID, K=4 minus K=1 at equal compute")
     ax.set_title("below 0: one model per segment pays", fontsize=9)
