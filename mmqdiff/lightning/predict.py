@@ -32,7 +32,7 @@ from .run_lock import LOCK_NAME, hold_run_lock
 from .strategy import decided_by_zero
 from ..evaluation.plots import save_sample_grid
 from ..evaluation.features import InceptionExtractor, embedded_extractor
-from ..evaluation.fidelity import paired_psnr
+from ..evaluation.fidelity import paired_psnr, squared_error
 from ..evaluation.metrics import score_images
 from ..evaluation.real_images import to_uint8
 from ..quant.runtime import RUNTIMES, resolve_runtime
