@@ -17,7 +17,10 @@ from mmqdiff.pipeline.plan import Plan
 from .conftest import ROOT
 from .test_pipeline import CALIB, K1, children, main_config, run_pipeline  # noqa: F401 (children: a fixture)
 
-PIPELINE_CONFIGS = [ROOT / "configs/embedded/main.yaml", *sorted((ROOT / "configs/experiments").glob("*.yaml"))]
+# the experiment records resolve dozens of stage commands each (seconds apiece): checked in the slow suite
+EXPERIMENT_CONFIGS = sorted((ROOT / "configs/experiments").glob("*.yaml"))
+PIPELINE_CONFIGS = [ROOT / "configs/embedded/main.yaml",
+                    *(pytest.param(p, marks=pytest.mark.slow) for p in EXPERIMENT_CONFIGS)]
 
 
 def plan_of(cfg: dict, source: str = "main.yaml") -> Plan:
@@ -227,7 +230,7 @@ def test_main_job_settings_are_kept():
 def test_experiment_configs_name_their_docs_section():
     """Each one-off experiment record names the docs/results.md section it produces, and that section exists."""
     sections = re.findall(r"^## (.+)$", (ROOT / "docs/results.md").read_text(), flags=re.M)
-    for path in PIPELINE_CONFIGS[1:]:
+    for path in EXPERIMENT_CONFIGS:
         first = path.read_text().splitlines()[0]
         match = re.match(r"# Produces docs/results.md: (.+?)(?: \(.*\))?\.?$", first)
         assert match and match[1] in sections, f"{path}: {first!r} names no section of {sections}"
