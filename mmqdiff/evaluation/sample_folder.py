@@ -158,8 +158,9 @@ def images_to_make(image_dir: str | Path, num_images: int, size: tuple[int, int]
 def sample_problem(x: torch.Tensor, images: torch.Tensor, indices: Sequence[int]) -> str | None:
     """Why a batch of final samples cannot come from a working model, or None: ``x`` the float images (model scale,
     [-1, 1]) and ``images`` their uint8 form, for the image ``indices``. Non-finite values, |x| beyond
-    :data:`~mmqdiff.diffusion.sampler.STATE_BOUND`, an image of one colour, or a batch of identical images: what
-    an overflowing weight or a collapsed quantized model gives (as black or grey PNGs, otherwise)."""
+    :data:`~mmqdiff.diffusion.sampler.STATE_BOUND`, mostly one-colour or identical images
+    (:func:`images_problem`): what an overflowing weight or a collapsed quantized model gives (as black or grey
+    PNGs, otherwise)."""
     flat = x.detach().flatten(1)
     finite = torch.isfinite(flat).all(dim=1)
     if not bool(finite.all()):
@@ -173,12 +174,15 @@ def sample_problem(x: torch.Tensor, images: torch.Tensor, indices: Sequence[int]
 
 
 def images_problem(images: torch.Tensor, indices: Sequence[int]) -> str | None:
-    """Why uint8 images [N, C, H, W] look collapsed (one colour each, or all identical), or None."""
+    """Why uint8 images [N, C, H, W] look collapsed, or None: most of them (more than half, N >= 2) one colour each,
+    or all identical. A few one-colour images are a weak model's samples, which FID scores; a majority is a broken
+    run (eta 2 gives every image black)."""
     flat = images.flatten(1)
     flat_image = (flat == flat[:, :1]).all(dim=1)
-    if bool(flat_image.any()):
+    if len(flat) > 1 and 2 * int(flat_image.sum()) > len(flat):
         j = int(flat_image.nonzero()[0])
-        return f"image {indices[j]} is a single colour (every value {int(flat[j, 0])})"
+        return (f"{int(flat_image.sum())} of {len(flat)} images are a single colour (first: image {indices[j]}, every "
+                f"value {int(flat[j, 0])})")
     if len(flat) > 1 and bool((flat == flat[:1]).all()):
         return f"all {len(flat)} images ({indices[0]}..{indices[-1]}) are identical"
     return None
