@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ $# -eq 0 ]; then set -- -m "not slow"; fi
+# the fast suite on two workers (the tests run one torch thread each), a test file per worker
+if [ $# -eq 0 ]; then set -- -m "not slow" -n 2 --dist loadfile; fi
 exec .venv/bin/python -m pytest -q "$@"
