@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from mmqdiff.data import CalibrationFile, save_calibration
+from mmqdiff.diffusion import Model
 from mmqdiff.evaluation.heldout import heldout_step_error, quarter_means, sample_space_error
+
+from .conftest import TINY
 
 
 class Shifted(torch.nn.Module):
@@ -46,3 +49,21 @@ def test_sample_space_error_and_quarters_hand_computed():
         sample_space_error([1.0, 2.0], [1.0, 1.0, 1.0])
     assert quarter_means([1, 1, 2, 2, 3, 3, 4, 4]) == [1, 2, 3, 4]
     assert quarter_means(list(range(10))) == pytest.approx([0.5, 3.0, 5.5, 8.0])  # edges 0, 2, 5, 7, 10
+
+
+def test_fp_predictions_are_computed_once_for_runs_scored_on_the_same_pairs(tiny_model, calib_file):
+    """Every run of a pipeline is scored against the same FP predictions: the second run reuses them, with the same
+    result; other FP weights or other pairs compute them again."""
+    calib, _ = calib_file
+    calls = []
+    hook = tiny_model.register_forward_hook(lambda *_: calls.append(1))
+    first = heldout_step_error(lambda i: Shifted(tiny_model, 0.5), tiny_model, calib, [3, 4, 5], batch_size=2)
+    fp_calls = len(calls)  # the FP forwards, plus the candidate's own calls of the wrapped FP model
+    again = heldout_step_error(lambda i: Shifted(tiny_model, 0.5), tiny_model, calib, [3, 4, 5], batch_size=2)
+    assert again == first and len(calls) == fp_calls + fp_calls // 2  # only the candidate's forwards this time
+    other = Model(**TINY).eval()
+    other.load_state_dict({k: v + 1e-3 for k, v in tiny_model.state_dict().items()})
+    hook.remove()
+    # reusing tiny_model's predictions for ``other`` would score tiny_model against itself: 0 at every step
+    assert all(e > 0 for e in heldout_step_error(lambda i: tiny_model, other, calib, [3, 4, 5], batch_size=2))
+    assert heldout_step_error(lambda i: tiny_model, tiny_model, calib, [2, 3], batch_size=2) == [0.0] * 4

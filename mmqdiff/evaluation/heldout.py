@@ -16,10 +16,13 @@ from torch import nn
 
 from ..data.calibration import CalibrationFile
 from ..data.segments import equal_share_boundaries
-from ..diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint
+from ..diffusion import betas_from_config, build_model, eps_sensitivity, load_checkpoint, state_dict_sha256
 from ..segments import SegmentedModel
 from ..segments.run_folder import read_manifest
 from .fidelity import squared_error
+
+# the FP model's predictions on the last held-out pairs scored (one entry "key" says which), reused by the next run
+_fp_predictions: dict[Any, Any] = {}
 
 
 @torch.no_grad()
@@ -34,13 +37,20 @@ def heldout_step_error(model_for_step: Callable[[int], nn.Module], fp_model: nn.
         raise ValueError(f"{calib.path}: held-out trajectories must be non-empty indices in "
                          f"[0, {calib.num_trajectories - 1}]")
     device = next(fp_model.parameters()).device
+    key = (str(calib.path), calib.path.stat().st_mtime_ns, tuple(idx.tolist()), batch_size, str(device),
+           state_dict_sha256(fp_model))
+    if _fp_predictions.get("key") != key:  # the FP side is the same for every run scored on these pairs
+        _fp_predictions.clear()
+        _fp_predictions["key"] = key
     out = []
     for i in steps:
         xs, ts = (v[idx].float() for v in calib.at_step(i))
         sq, n = 0.0, 0
         for start in range(0, len(idx), batch_size):
             x, t = xs[start:start + batch_size].to(device), ts[start:start + batch_size].to(device)
-            err = squared_error(model_for_step(i)(x, t), fp_model(x, t))
+            if (i, start) not in _fp_predictions:
+                _fp_predictions[(i, start)] = fp_model(x, t)
+            err = squared_error(model_for_step(i)(x, t), _fp_predictions[(i, start)])
             sq, n = sq + float(err.sum()), n + err.numel()
         out.append(sq / n)
     return out
