@@ -1,12 +1,14 @@
-"""Where one model per segment pays (configs/experiments/segment_scope_map.yaml): for each K>1 arm of a pipeline
-report (a setting's weight/activation bits and its segment_scope, "full" or "activations"), the paired difference
-over calibration seeds to the K=1 arm given the same total calibration compute (FID, KID, PSNR vs FP; mean, 95% t
-interval, seeds where K>1 is better: ``mmqdiff.evaluation.seeds``), the calibration seconds (a warm-started run with
-its K=1 base), the bytes stored and resident on the integer runtime, and a figure of the FID difference against the
-activation bits per variant.
+"""Where one model per segment pays (configs/experiments/segment_scope_*.yaml, one pipeline per setting): for each
+K>1 arm of the reports (a setting's weight/activation bits and its segment_scope, "full" or "activations"), the
+paired difference over calibration seeds to the K=1 arm given the same total calibration compute (FID, KID, PSNR vs
+FP; mean, 95% t interval, seeds where K>1 is better: ``mmqdiff.evaluation.seeds``), the calibration seconds (a
+warm-started run with its K=1 base), the bytes stored and resident on the integer runtime, and a figure of the FID
+difference against the activation bits per variant.
 
-    .venv/bin/python scripts/experiments/scope_map.py outputs/embedded/report_scope_map/report.json \\
+    .venv/bin/python scripts/experiments/scope_map.py outputs/embedded/report_scope_*/report.json \\
         --out docs/segment_scope_map.png
+
+(scripts/experiments/scope_map.sh runs the pipelines and then this.)
 
 Rows name their seed as ``", seed <n>"``; the K=1 arm a K>1 arm is compared with is the one with the same bits and
 the same total iterations (``calib_iters_total``), as ``equal_compute_to`` pairs them. Resident bytes are measured
@@ -109,15 +111,15 @@ def figure(rows: list[dict[str, Any]]) -> Figure:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("report", help="report.json of configs/experiments/segment_scope_map.yaml (or a shrunken copy)")
+    ap.add_argument("reports", nargs="+", type=Path,
+                    help="report.json of configs/experiments/segment_scope_*.yaml (or of a shrunken copy)")
     ap.add_argument("--default-seed", type=int, default=1234, help="seed of rows without a ', seed <n>' suffix")
     ap.add_argument("--out", help="PNG of the FID difference against activation bits")
     ap.add_argument("--no-resident", action="store_true", help="skip loading run folders for the resident bytes")
     args = ap.parse_args()
-    report = Path(args.report)
-    runs = json.loads(report.read_text())["runs"]
-    run_dirs = {row["name"]: row["run_dir"] for row in json.loads((report.parent / RECORD_NAME).read_text())["rows"]
-                if "run_dir" in row}
+    runs = [run for report in args.reports for run in json.loads(report.read_text())["runs"]]
+    run_dirs = {row["name"]: row["run_dir"] for report in args.reports
+                for row in json.loads((report.parent / RECORD_NAME).read_text())["rows"] if "run_dir" in row}
     arms = runs_by_arm(runs, args.default_seed)
 
     rows = []
