@@ -1,14 +1,16 @@
-"""Sampling speed: FP vs fake-quant vs the integer runtime (``to_integer``), K=1 and K=4, W4A8 and W8A8 (asymmetric
-weights as the reference, and the symmetric-weight option); plus the resident bytes of the K=4 integer runtime vs FP
-and the cost of a segment switch.
+"""Sampling speed: FP vs fake-quant vs the integer runtime (``to_integer``), K=1 and K=4 (both segment scopes), W4A8
+and W8A8 (asymmetric weights as the reference, and the symmetric-weight option); plus the resident bytes of the K=4
+integer runtime vs FP and the cost of a segment switch.
 
 For each model and bit width the runs are timed interleaved in one process (best of ``--repeats``) next to their own
 FP run, so every ratio compares like with like on a machine that other jobs load; the last column is the spread of
 the ratio over the rounds, each round's run against that round's FP run. K segment models are K
-independently quantized copies (nearest rounding, activation ranges from one random batch; calibrated values do not
-change speed; their weight levels share one base, as a run's segments do); K=1 uses the first of them. "int K=4"
-keeps all four segments packed (``IntegerSegments(pack="all")``), "int K=4 pack=active" (the sampler's default)
-re-packs the segment in use from the shared codes at each switch. The embedded UNet samples ``--steps`` quad
+independently quantized copies (activation ranges from one random batch each; calibrated values do not change speed;
+their weight levels share one base, as a run's segments do); K=1 uses the first of them. For ``segment_scope: full``
+each copy after the first flips a random tenth of its rounding decisions, as segments calibrated apart round
+differently: "int K=4" keeps all four segments packed (``IntegerSegments(pack="all")``), "int K=4 pack=active" (the
+sampler's default) re-packs the segment in use from the shared codes at each switch. "int K=4 activations" is
+``segment_scope: activations``: one rounding for all copies, so one packed weight set serves every segment. The embedded UNet samples ``--steps`` quad
 steps; the CIFAR-10 config (random weights) runs ``--cifar-steps`` steps of the same kind (the time ratio is per
 forward, K=4 still switches).
 
@@ -32,7 +34,8 @@ import torch
 from mmqdiff.quant.allocator import keep_freed_memory
 from mmqdiff.data import timestep_segments
 from mmqdiff.diffusion import build_model, ddim_sample, linear_betas, load_checkpoint, timesteps
-from mmqdiff.quant import IntegerSegments, QuantConfig, quantize_model, resident_nbytes, set_rounding, to_integer
+from mmqdiff.quant import (IntegerSegments, QuantConfig, adaround_quantizers, quantize_model, resident_nbytes,
+                           set_rounding, to_integer)
 from mmqdiff.segments import SegmentedModel
 
 
@@ -41,8 +44,18 @@ CONFIGS = {"W4A8": QuantConfig(weight_bits=4), "W8A8": QuantConfig(weight_bits=8
            "W8A8 sym-w": QuantConfig(weight_bits=8, weight_symmetric=True)}  # sym-w: symmetric weights (zero point 0)
 
 
-def quantized_copies(fp: torch.nn.Module, k: int, config: QuantConfig, calib: torch.Tensor) -> list[torch.nn.Module]:
-    """K quantized models with activation ranges from different timesteps, as K segments have."""
+def flip_rounding(model: torch.nn.Module, fraction: float, seed: int) -> None:
+    """Reverse a random ``fraction`` of the hard rounding decisions (up <-> down) of every AdaRound quantizer."""
+    generator = torch.Generator().manual_seed(seed)
+    for q in adaround_quantizers(model):
+        flip = torch.rand(q.alpha.shape, generator=generator).to(q.alpha.device) < fraction
+        q.alpha.data = torch.where(flip, torch.where(q.alpha >= 0, -1.0, 1.0), q.alpha.data)
+
+
+def quantized_copies(fp: torch.nn.Module, k: int, config: QuantConfig, calib: torch.Tensor,
+                     scope: str) -> list[torch.nn.Module]:
+    """K quantized models with activation ranges from different timesteps, as K segments have; with ``scope`` "full"
+    their rounding differs too."""
     models = []
     for i in range(k):
         q = quantize_model(fp, config).eval()
@@ -50,6 +63,8 @@ def quantized_copies(fp: torch.nn.Module, k: int, config: QuantConfig, calib: to
         with torch.no_grad():
             q(calib, torch.full((calib.shape[0],), 125.0 + 250.0 * i, device=calib.device))  # activation init
         set_rounding(q, "hard")
+        if scope == "full" and i:
+            flip_rounding(q, 0.1, seed=i)
         q.freeze()
         models.append(q)
     return models
@@ -101,6 +116,16 @@ def switch_seconds(segments: IntegerSegments, rounds: int = 3) -> float:
     return best
 
 
+def largest_resident(segments: IntegerSegments) -> int:
+    """Resident bytes while sampling: one segment is packed at a time (pack="active"), so the largest of the K
+    states."""
+    largest = 0
+    for k in range(len(segments)):
+        segments.activate(k)
+        largest = max(largest, resident_nbytes([segments]))
+    return largest
+
+
 def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: argparse.Namespace,
                 device: torch.device) -> None:
     shape = (batch, fp.in_channels, fp.resolution, fp.resolution)
@@ -108,10 +133,12 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
     fp_bytes = sum(p.numel() * p.element_size() for p in fp.parameters())
     notes = []
     for name, config in CONFIGS.items():
-        fakes = quantized_copies(fp, 4, config, x_T[:16])
+        fakes = quantized_copies(fp, 4, config, x_T[:16], "full")
         active, every = IntegerSegments(fakes), IntegerSegments(fakes, pack="all")  # the sampler's two modes
+        shared = IntegerSegments(quantized_copies(fp, 4, config, x_T[:16], "activations"))
         runs = {"FP": [fp], f"{name} fake K=1": fakes[:1], f"{name} fake K=4": fakes,
-                f"{name} int K=1": every.models[:1], f"{name} int K=4": every, f"{name} int K=4 pack=active": active}
+                f"{name} int K=1": every.models[:1], f"{name} int K=4": every, f"{name} int K=4 pack=active": active,
+                f"{name} int K=4 activations": shared}
         for threads in [] if args.bytes_only else args.threads:
             torch.set_num_threads(threads)
             seconds = time_runs(runs, x_T, steps, args.repeats, CLOCKS[args.clock])
@@ -125,16 +152,15 @@ def bench_model(label: str, fp: torch.nn.Module, batch: int, steps: int, args: a
             notes.append(f"{label}, batch {batch}, {threads} threads, {name}: one segment switch (pack=active) "
                          f"{1e3 * switch:.1f} ms; K=4 switches per 100-step sampling = {4 * switch / (100 * per_step):.2%} "
                          f"of its time (this run's {steps} steps cross all 4 segments too)")
-        codes, shared = sum(k.code_nbytes for m in every.models for k in m.kernels()), 0
-        for k in range(len(active)):  # one segment is packed at a time while sampling: the largest of the K states
-            active.activate(k)
-            shared = max(shared, resident_nbytes([active]))
+        codes = sum(k.code_nbytes for m in every.models for k in m.kernels())
         notes.append(f"{label}, {name} K=4 integer runtime, resident bytes vs FP parameters ({fp_bytes:,} B): "
-                     f"pack=active {shared / fp_bytes:.3f}x ({shared:,} B), "
-                     f"pack=all {resident_nbytes([every]) / fp_bytes:.3f}x (packed int8 codes alone "
-                     f"{codes / fp_bytes:.3f}x), four separate models without share_constants "
-                     f"{resident_nbytes([to_integer(q) for q in fakes]) / fp_bytes:.3f}x")
-        del fakes, active, every
+                     f"full pack=active {largest_resident(active) / fp_bytes:.3f}x ({largest_resident(active):,} B), "
+                     f"full pack=all {resident_nbytes([every]) / fp_bytes:.3f}x (packed int8 codes alone "
+                     f"{codes / fp_bytes:.3f}x), full as four separate models without share_constants "
+                     f"{resident_nbytes([to_integer(q) for q in fakes]) / fp_bytes:.3f}x; activations "
+                     f"{largest_resident(shared) / fp_bytes:.3f}x ({largest_resident(shared):,} B); K=1 "
+                     f"{resident_nbytes([every.models[0]]) / fp_bytes:.3f}x ({resident_nbytes([every.models[0]]):,} B)")
+        del fakes, active, every, shared
     print("\n" + "\n".join(notes) + "\n", flush=True)
 
 
