@@ -31,7 +31,8 @@ from mmqdiff.pipeline import RECORD_NAME
 from mmqdiff.segments import SegmentedModel
 from mmqdiff.segments.run_folder import read_manifest
 
-METRICS = {"fid": ("FID", ".2f"), "kid": ("KID", ".4f"), "psnr_vs_fp": ("PSNR vs FP (dB)", ".2f")}
+METRICS = {"fid": ("FID", ".2f"), "kid": ("KID", ".4f"), "psnr_vs_fp": ("PSNR vs FP (dB)", ".2f"),
+           "heldout_x_mse": ("held-out x-MSE", ".1e")}
 Arm = dict[int, dict[str, Any]]
 
 
@@ -134,20 +135,23 @@ def main() -> None:
                "seconds": [statistics.fmean(calibration_seconds(run_dirs[r["name"]]) for r in a.values())
                            for a in (arm, ref)],
                "stored": [first(a)["model_bytes"] for a in (arm, ref)],
+               "s_per_image": [statistics.fmean(r["sampling_seconds_per_image"] for r in a.values())
+                               for a in (arm, ref)],
                "resident": None if args.no_resident else [resident_bytes(run_dirs[first(a)["name"]])
                                                           for a in (arm, ref)]}
         rows.append(row)
 
     print("Paired by calibration seed, K>1 minus K=1 at equal compute (mean [95% t interval], seeds where K>1 is "
-          "better); seconds: mean calibration wall time (K>1 with its K=1 base); bytes: K>1 / K=1\n")
+          "better); mean calibration wall time (K>1 with its K=1 base) and sampling seconds per image; "
+          "K>1 / K=1\n")
     print("| arm | K=1 at its compute | " + " | ".join(label for label, _ in METRICS.values())
-          + " | calibration s | stored bytes | resident bytes |")
-    print("|---|---|" + "---|" * (len(METRICS) + 3))
+          + " | calibration s | stored bytes | resident bytes | sampling s/image |")
+    print("|---|---|" + "---|" * (len(METRICS) + 4))
     for r in rows:
         resident = "-" if r["resident"] is None else f"{r['resident'][0]:,} / {r['resident'][1]:,}"
         print(f"| {r['arm']} | {r['reference']} | " + " | ".join(cell(r[m], fmt) for m, (_, fmt) in METRICS.items())
               + f" | {r['seconds'][0]:.0f} / {r['seconds'][1]:.0f} | {r['stored'][0]:,} / {r['stored'][1]:,} | "
-              f"{resident} |")
+              f"{resident} | {r['s_per_image'][0]:.3f} / {r['s_per_image'][1]:.3f} |")
     print("\n(bold: the interval excludes 0)")
     if args.out:
         print(save_figure(figure(rows), args.out))
