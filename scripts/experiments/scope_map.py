@@ -26,7 +26,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from mmqdiff.evaluation.plots import save_figure
-from mmqdiff.evaluation.seeds import paired_difference, runs_by_arm
+from mmqdiff.evaluation.seeds import mean_sd, paired_difference, runs_by_arm
 from mmqdiff.pipeline import RECORD_NAME
 from mmqdiff.segments import SegmentedModel
 from mmqdiff.segments.run_folder import read_manifest
@@ -92,6 +92,23 @@ def calibration_seconds(run_dir: str) -> float:
 def resident_bytes(run_dir: str) -> int:
     """Bytes the run's segment models hold on the integer runtime while sampling (``pack="active"``)."""
     return SegmentedModel.load(run_dir).to_integer().models.sampling_nbytes()
+
+
+def seed_tables(arms: dict[str, Arm]) -> None:
+    """Per setting: FID / PSNR vs FP of every arm in every seed, and FID's mean and sd over the seeds."""
+    for bits in dict.fromkeys(setting(a) for a in arms.values()):
+        names = [name for name, arm in arms.items() if setting(arm) == bits]
+        seeds = list(dict.fromkeys(seed for name in names for seed in arms[name]))
+        print(f"\nW{bits[0]}A{bits[1]}, FID / PSNR vs FP (dB) per calibration seed\n")
+        print("| seed | " + " | ".join(f"{n} ({'/'.join(map(str, first(arms[n])['calib_iters_total']))})"
+                                      for n in names) + " |")
+        print("|---|" + "---|" * len(names))
+        for seed in seeds:
+            print(f"| {seed} | " + " | ".join(f"{arms[n][seed]['fid']:.2f} / {arms[n][seed]['psnr_vs_fp']:.1f}"
+                                             if seed in arms[n] else "-" for n in names) + " |")
+        spread = [mean_sd([r["fid"] for r in arms[n].values()]) for n in names]
+        print("| FID mean ± sd | " + " | ".join(f"{m:.2f} ± {sd:.2f} ({len(arms[n])} seeds)"
+                                             for n, (m, sd) in zip(names, spread)) + " |")
 
 
 def figure(rows: list[dict[str, Any]]) -> Figure:
@@ -167,6 +184,7 @@ def main() -> None:
               + f" | {r['seconds'][0]:.0f} / {r['seconds'][1]:.0f} | {r['stored'][0]:,} / {r['stored'][1]:,} | "
               f"{resident} | {r['s_per_image'][0]:.3f} / {r['s_per_image'][1]:.3f} |")
     print("\n(bold: the interval excludes 0)")
+    seed_tables(arms)
     if args.out:
         print(save_figure(figure(rows), args.out))
 
