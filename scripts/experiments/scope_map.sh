@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The segment-scope map (docs/results.md, "Where one model per segment pays"): setup, the main job (its calibration data,
-# FP samples and W4A8 seed-1234 runs are reused), then one pipeline per setting, each resumable and skipping stages
-# whose outputs match, then the paired table and the figure over all four reports. Hours of CPU.
+# The segment-scope map (docs/results.md, "Where one model per segment pays"): setup, the main job (its calibration
+# data, FP samples and W4A8 seed-1234 runs are reused), then one pipeline per setting, each resumable and skipping
+# stages whose outputs match, then the paired table and the figure over the settings' reports. Hours of CPU.
 #   bash scripts/experiments/scope_map.sh [SETTING ...]   (default: w4a6 w8a4 w4a8 w4a4, in that order)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
