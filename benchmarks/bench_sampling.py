@@ -4,15 +4,15 @@ integer runtime vs FP and the cost of a segment switch.
 
 For each model and bit width the runs are timed interleaved in one process (best of ``--repeats``) next to their own
 FP run, so every ratio compares like with like on a machine that other jobs load; the last column is the spread of
-the ratio over the rounds, each round's run against that round's FP run. K segment models are K
-independently quantized copies (activation ranges from one random batch each; calibrated values do not change speed;
-their weight levels share one base, as a run's segments do); K=1 uses the first of them. For ``segment_scope: full``
-each copy after the first flips a random tenth of its rounding decisions, as segments calibrated apart round
-differently: "int K=4" keeps all four segments packed (``IntegerSegments(pack="all")``), "int K=4 pack=active" (the
-sampler's default) re-packs the segment in use from the shared codes at each switch. "int K=4 activations" is
-``segment_scope: activations``: one rounding for all copies, so one packed weight set serves every segment. The embedded UNet samples ``--steps`` quad
-steps; the CIFAR-10 config (random weights) runs ``--cifar-steps`` steps of the same kind (the time ratio is per
-forward, K=4 still switches).
+the ratio over the rounds, each round's run against that round's FP run. K segment models are K independently
+quantized copies (activation ranges from one random batch each; calibrated values do not change speed; their weight
+levels share one base, as a run's segments do); K=1 uses the first of them. For ``segment_scope: full`` each copy
+after the first flips a random tenth of its rounding decisions, as segments calibrated apart round differently: "int
+K=4" keeps all four segments packed (``IntegerSegments(pack="all")``), "int K=4 pack=active" (the sampler's default)
+re-packs the segment in use from the shared codes at each switch. "int K=4 activations" is ``segment_scope:
+activations``: one rounding for all copies, so one packed weight set serves every segment. The embedded UNet samples
+``--steps`` quad steps; the CIFAR-10 config (random weights) runs ``--cifar-steps`` steps of the same kind (the time
+ratio is per forward, K=4 still switches).
 
     .venv/bin/python benchmarks/bench_sampling.py --threads 1 2 [--embedded-batch 128] [--cifar-batches 8 64]
         [--steps 100] [--cifar-steps 4] [--repeats 2] [--device cpu|cuda] [--only embedded|cifar10] [--clock cpu]
