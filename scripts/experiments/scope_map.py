@@ -1,8 +1,9 @@
 """Where one model per segment pays (configs/experiments/segment_scope_*.yaml, one pipeline per setting): for each
 K>1 arm of the reports (a setting's weight/activation bits and its segment_scope, "full" or "activations"), the
 paired difference over calibration seeds to the K=1 arm given the same total calibration compute (FID, KID, PSNR vs
-FP; mean, 95% t interval, seeds where K>1 is better: ``mmqdiff.evaluation.seeds``), the calibration seconds (a
-warm-started run with its K=1 base), the bytes stored and resident on the integer runtime, and a figure of the FID
+FP, held-out x-MSE; mean, 95% t interval, seeds where K>1 is better: ``mmqdiff.evaluation.seeds``), its FID against
+the best K=1 at no more compute, the calibration seconds (a warm-started run with its K=1 base), the bytes stored and
+resident on the integer runtime, sampling seconds per image, a per-seed table per setting, and a figure of the FID
 difference against the activation bits per variant.
 
     .venv/bin/python scripts/experiments/scope_map.py outputs/embedded/report_scope_*/report.json \\
