@@ -4,7 +4,7 @@ paired difference over calibration seeds to the K=1 arm given the same total cal
 FP, held-out x-MSE; mean, 95% t interval, seeds where K>1 is better: ``mmqdiff.evaluation.seeds``), its FID against
 the best K=1 at no more compute, the calibration seconds (a warm-started run with its K=1 base), the bytes stored and
 resident on the integer runtime, sampling seconds per image, a per-seed table per setting, and a figure of the FID
-difference against the activation bits per variant.
+difference against the activation bits per variant (K=4) and, where a setting was run at several K, against K.
 
     .venv/bin/python scripts/experiments/scope_map.py outputs/embedded/report_scope_*/report.json \\
         --out docs/segment_scope_map.png
@@ -112,28 +112,50 @@ def seed_tables(arms: dict[str, Arm]) -> None:
                                              for n, (m, sd) in zip(names, spread)) + " |")
 
 
+def _interval(points: list[tuple[float, dict[str, Any]]]) -> list[list[float]] | None:
+    """Error bars (below, above) of the 95% intervals, or None when a point has none (a single seed)."""
+    if any(d["ci95"] is None for _, d in points):
+        return None
+    return [[d["mean"] - d["ci95"][0] for _, d in points], [d["ci95"][1] - d["mean"] for _, d in points]]
+
+
 def figure(rows: list[dict[str, Any]]) -> Figure:
-    """FID difference to K=1 at equal compute (95% interval over seeds) against activation bits, one series per
-    weight bits and segment_scope."""
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.subplots()
-    series = sorted({(r["weight_bits"], r["scope"]) for r in rows})
+    """FID difference to K=1 at equal compute (95% interval over seeds): against the activation bits for the K=4 arms,
+    one series per weight bits and segment_scope; and, where a setting and scope were run at several K, against K."""
+    by_k = {(r["weight_bits"], r["act_bits"], r["scope"]) for r in rows if r["segments"] != 4}
+    fig = Figure(figsize=(10.4 if by_k else 6.4, 4.0))
+    axes = fig.subplots(1, 2 if by_k else 1, squeeze=False)[0]
+    ax = axes[0]
+    k4 = [r for r in rows if r["segments"] == 4]
+    series = sorted({(r["weight_bits"], r["scope"]) for r in k4})
     for i, (w, scope) in enumerate(series):
-        points = sorted((r["act_bits"], r["fid"]) for r in rows if (r["weight_bits"], r["scope"]) == (w, scope))
+        points = sorted((r["act_bits"], r["fid"]) for r in k4 if (r["weight_bits"], r["scope"]) == (w, scope))
         x = [a + 0.12 * (i - (len(series) - 1) / 2) for a, _ in points]
-        y = [d["mean"] for _, d in points]
-        err = [[d["mean"] - d["ci95"][0] for _, d in points], [d["ci95"][1] - d["mean"] for _, d in points]] \
-            if all(d["ci95"] is not None for _, d in points) else None
-        ax.errorbar(x, y, yerr=err, marker="o" if scope == "full" else "s", capsize=3,
-                    linestyle="-" if w == 4 else ":", label=f"W{w}, segment_scope {scope}")
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    bits = sorted({r["act_bits"] for r in rows})
+        ax.errorbar(x, [d["mean"] for _, d in points], yerr=_interval(points), marker="o" if scope == "full" else "s",
+                    capsize=3, linestyle="-" if w == 4 else ":", label=f"W{w}, segment_scope {scope}")
+    bits = sorted({r["act_bits"] for r in k4})
     ax.set_xticks(bits)
     ax.set_xlim(bits[0] - 1, bits[-1] + 1)
     ax.set_xlabel("activation bits")
     ax.set_ylabel("FID, K=4 minus K=1 at equal compute")
-    ax.set_title("below 0: one model per segment pays", fontsize=9)
+    ax.set_title("K=4 segments; below 0: one model per segment pays", fontsize=9)
     ax.legend(fontsize=8)
+    if by_k:
+        ax = axes[1]
+        for w, a, scope in sorted(by_k):
+            points = sorted((r["segments"], r["fid"]) for r in rows
+                            if (r["weight_bits"], r["act_bits"], r["scope"]) == (w, a, scope))
+            ax.errorbar([k for k, _ in points], [d["mean"] for _, d in points], yerr=_interval(points), marker="s",
+                        capsize=3, label=f"W{w}A{a}, segment_scope {scope}")
+        ks = sorted({r["segments"] for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("segments K")
+        ax.set_ylabel("FID, K minus K=1 at equal compute")
+        ax.set_title("same total compute for every K", fontsize=9)
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
     fig.tight_layout()
     return fig
 
@@ -159,6 +181,7 @@ def main() -> None:
         ref = arms[ref_name]
         strongest = strongest_reference(arm, arms)
         row = {"arm": name, "reference": ref_name, "scope": first(arm).get("segment_scope", "full"),
+               "segments": first(arm)["segments"],
                "strongest": strongest, "fid_strongest": difference(arm, arms[strongest], "fid"),
                "weight_bits": setting(arm)[0], "act_bits": setting(arm)[1],
                **{m: difference(arm, ref, m) for m in METRICS},
