@@ -3,7 +3,10 @@ for by :class:`Children`), and end to end on a shrunken embedded default (slow).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -349,6 +352,56 @@ def test_failed_stage_ends_with_the_childs_own_error(tmp_path, monkeypatch, caps
                                   "ValueError: outputs/calib_k4/segment_01/packed.pt is missing\n"
                                   "rerun with [brackets]")
     assert timings == {} and "a warning" in capsys.readouterr().err  # stderr still shown as it came
+
+
+# a stage's process: writes its pid, says it is running, then waits; Ctrl-C's signal makes it record that it was
+# asked to stop and exit (as Lightning saves and exits), or, given "stubborn", it ignores that signal
+STAGE_CHILD = """import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+def stop(signum, frame):
+    (out / "stopped").write_text(signal.Signals(signum).name)
+    sys.exit(1)
+signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[2] == "stubborn" else stop)
+(out / "pid").write_text(str(os.getpid()))
+sys.stderr.write("running\\n")
+sys.stderr.flush()
+time.sleep(60)
+"""
+# the pipeline process around one stage, with the pipeline's own SIGTERM handling
+STAGE_PARENT = """import sys
+from mmqdiff import pipeline
+from mmqdiff.pipeline import stages
+stages.CLI_COMMAND = [sys.executable, sys.argv[1], sys.argv[2]]
+stages.STOP_GRACE_S = 2.0
+pipeline.stop_on_sigterm()
+stages._stage("calibrate W4A8 K=4", [sys.argv[3]], {})
+"""
+
+
+def _sigterm_during_stage(tmp_path: Path, behaviour: str) -> tuple[int, str]:
+    """(the pipeline's exit status, its stderr) after a SIGTERM while a stage runs; the stage's process is gone."""
+    (tmp_path / "child.py").write_text(STAGE_CHILD)
+    (tmp_path / "parent.py").write_text(STAGE_PARENT)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py"), str(tmp_path / "child.py"),
+                               str(tmp_path), behaviour], stderr=subprocess.PIPE, text=True)
+    assert parent.stderr.readline() == "running\n"
+    parent.send_signal(signal.SIGTERM)
+    _, err = parent.communicate(timeout=30)
+    with pytest.raises(ProcessLookupError):  # no stage left running on its own
+        os.kill(int((tmp_path / "pid").read_text()), 0)
+    return parent.returncode, err
+
+
+def test_sigterm_stops_the_running_stage_like_ctrl_c(tmp_path):
+    status, _ = _sigterm_during_stage(tmp_path, "obedient")
+    assert status == 128 + signal.SIGTERM
+    assert (tmp_path / "stopped").read_text() == "SIGINT"  # the stage was asked, and saved and exited itself
+
+
+def test_a_stage_that_does_not_stop_is_killed_after_the_grace_period(tmp_path):
+    status, _ = _sigterm_during_stage(tmp_path, "stubborn")
+    assert status == 128 + signal.SIGTERM and not (tmp_path / "stopped").exists()
 
 
 def test_child_error_without_traceback_is_its_last_lines():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,20 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends the pipeline like Ctrl-C, the running stage included
+    (``stages._stop``), with exit status 143, instead of leaving that stage running on its own."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 def cli_main() -> None:
-    """``python -m mmqdiff.pipeline``: a refused config or stage ends with its message and exit status 1 or 2."""
+    """``python -m mmqdiff.pipeline``: a refused config or stage ends with its message and exit status 1 or 2;
+    SIGTERM with 143 (``stop_on_sigterm``)."""
+    stop_on_sigterm()
     try:
         main()
     except ConfigError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ SCORE_KEYS = ("real_source", "feature_extractor", "inception_weights", "num_real
 # what a sampling run measured while it sampled: kept in the stage record, since a run that finds every image made
 # already (a repaired metrics.json) cannot measure it again
 MEASURED = ("runtime", "sampling_seconds_per_image")
+STOP_GRACE_S = 60.0  # how long a stage asked to stop may take to save and exit before it is killed
 
 
 class StageFailed(RuntimeError):
@@ -68,13 +70,31 @@ def _stage(name: str, args: list[str], timings: dict[str, float]) -> None:
     tail: deque[str] = deque(maxlen=200)
     with subprocess.Popen([*CLI_COMMAND, *args], stderr=subprocess.PIPE, text=True,
                           errors="replace") as proc:
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            tail.append(line)
+        try:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                tail.append(line)
+        except BaseException:
+            _stop(proc)
+            raise
     if proc.returncode != 0:
         raise StageFailed(f"stage '{name}' failed (exit code {proc.returncode}):\n{child_error(list(tail))}")
     timings[name] = time.perf_counter() - start
     console.print(f"[green]{name}: {timings[name]:.1f} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The pipeline is stopping (Ctrl-C, SIGTERM): the stage stops too, rather than go on unobserved. It gets
+    Ctrl-C's signal, on which Lightning ends fit and predict alike and calibration keeps its last finished work item
+    (checkpoints are atomic, so a rerun resumes there); one that has not exited after ``STOP_GRACE_S`` is killed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        _, rest = proc.communicate(timeout=STOP_GRACE_S)
+        sys.stderr.write(rest or "")
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def generate_calibration(plan: Plan, timings: dict[str, float]) -> None:
