@@ -3,8 +3,9 @@ K>1 arm of the reports (a setting's weight/activation bits and its segment_scope
 paired difference over calibration seeds to the K=1 arm given the same total calibration compute (FID, KID, PSNR vs
 FP, held-out x-MSE; mean, 95% t interval, seeds where K>1 is better: ``mmqdiff.evaluation.seeds``), its FID against
 the best K=1 at no more compute, the calibration seconds (a warm-started run with its K=1 base), the bytes stored and
-resident on the integer runtime, sampling seconds per image, a per-seed table per setting, and a figure of the FID
-difference against the activation bits per variant (K=4) and, where a setting was run at several K, against K.
+resident on the integer runtime, sampling seconds per image, the K of a setting and scope against each other at
+equal compute, a per-seed table per setting, and a figure of the FID difference against the activation bits per
+variant (K=4) and, where a setting was run at several K, against K.
 
     .venv/bin/python scripts/experiments/scope_map.py outputs/embedded/report_scope_*/report.json \\
         --out docs/segment_scope_map.png
@@ -112,6 +113,29 @@ def seed_tables(arms: dict[str, Arm]) -> None:
                                              for n, (m, sd) in zip(names, spread)) + " |")
 
 
+def across_k(arms: dict[str, Arm]) -> None:
+    """Per setting and scope run at several K with the same total compute: each K's FID and its paired difference to
+    the K with the lowest mean FID (is more segments better, or is one K enough?)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, arm in arms.items():
+        if first(arm)["segments"] > 1:
+            key = (*setting(arm), first(arm).get("segment_scope", "full"), tuple(first(arm)["calib_iters_total"]))
+            groups.setdefault(key, []).append(name)
+    for (w, a, scope, compute), names in groups.items():
+        if len(names) < 2:
+            continue
+        names.sort(key=lambda n: first(arms[n])["segments"])
+        best = min(names, key=lambda n: statistics.fmean(r["fid"] for r in arms[n].values()))
+        print(f"\nW{w}A{a}, segment_scope {scope}, {compute[0]}/{compute[1]} iterations: FID per K, and K minus "
+              f"{best} paired by seed\n")
+        print("| arm | FID mean ± sd | minus the best K |")
+        print("|---|---|---|")
+        for n in names:
+            m, sd = mean_sd([r["fid"] for r in arms[n].values()])
+            versus = "-" if n == best else cell(difference(arms[n], arms[best], "fid"), ".2f")
+            print(f"| {n} | {m:.2f} ± {sd:.2f} ({len(arms[n])} seeds) | {versus} |")
+
+
 def _interval(points: list[tuple[float, dict[str, Any]]]) -> list[list[float]] | None:
     """Error bars (below, above) of the 95% intervals, or None when a point has none (a single seed)."""
     if any(d["ci95"] is None for _, d in points):
@@ -208,6 +232,7 @@ def main() -> None:
               + f" | {r['seconds'][0]:.0f} / {r['seconds'][1]:.0f} | {r['stored'][0]:,} / {r['stored'][1]:,} | "
               f"{resident} | {r['s_per_image'][0]:.3f} / {r['s_per_image'][1]:.3f} |")
     print("\n(bold: the interval excludes 0)")
+    across_k(arms)
     seed_tables(arms)
     if args.out:
         print(save_figure(figure(rows), args.out))
