@@ -96,6 +96,12 @@ def resident_bytes(run_dir: str) -> int:
     return SegmentedModel.load(run_dir).to_integer().models.sampling_nbytes()
 
 
+def fid_spread(arm: Arm) -> str:
+    """The arm's FID over its seeds: mean ± sd (number of seeds)."""
+    m, sd = mean_sd([r["fid"] for r in arm.values()])
+    return f"{m:.2f} ± {sd:.2f} ({len(arm)} seeds)"
+
+
 def seed_tables(arms: dict[str, Arm]) -> None:
     """Per setting: FID / PSNR vs FP of every arm in every seed, and FID's mean and sd over the seeds."""
     for bits in dict.fromkeys(setting(a) for a in arms.values()):
@@ -108,9 +114,7 @@ def seed_tables(arms: dict[str, Arm]) -> None:
         for seed in seeds:
             print(f"| {seed} | " + " | ".join(f"{arms[n][seed]['fid']:.2f} / {arms[n][seed]['psnr_vs_fp']:.1f}"
                                              if seed in arms[n] else "-" for n in names) + " |")
-        spread = [mean_sd([r["fid"] for r in arms[n].values()]) for n in names]
-        print("| FID mean ± sd | " + " | ".join(f"{m:.2f} ± {sd:.2f} ({len(arms[n])} seeds)"
-                                             for n, (m, sd) in zip(names, spread)) + " |")
+        print("| FID mean ± sd | " + " | ".join(fid_spread(arms[n]) for n in names) + " |")
 
 
 def across_k(arms: dict[str, Arm]) -> None:
@@ -131,9 +135,8 @@ def across_k(arms: dict[str, Arm]) -> None:
         print("| arm | FID mean ± sd | minus the best K |")
         print("|---|---|---|")
         for n in names:
-            m, sd = mean_sd([r["fid"] for r in arms[n].values()])
             versus = "-" if n == best else cell(difference(arms[n], arms[best], "fid"), ".2f")
-            print(f"| {n} | {m:.2f} ± {sd:.2f} ({len(arms[n])} seeds) | {versus} |")
+            print(f"| {n} | {fid_spread(arms[n])} | {versus} |")
 
 
 def _interval(points: list[tuple[float, dict[str, Any]]]) -> list[list[float]] | None:
